@@ -1,0 +1,74 @@
+"""Registers of a device's planned reads to one set of published values with quality flags.
+
+A point that fails to decode, or that a device reports as "not available", is left out of the
+values and named in the quality flags; it never spoils the other points of the poll.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from drivers.codec import decode_point, decode_raw
+from drivers.errors import DecodeError
+from drivers.model import Block, DataType, Point, Value
+from drivers.plan import block_values
+
+
+def decode_blocks(
+    blocks: Sequence[Block], registers: Mapping[int, Sequence[int]]
+) -> tuple[dict[str, Value], list[str]]:
+    """registers maps a block's index in `blocks` to its registers; a missing index was not read."""
+    raw: dict[str, list[int]] = {}
+    quality: list[str] = []
+    for i, block in enumerate(blocks):
+        regs = registers.get(i)
+        if regs is None:
+            quality.extend(f"unread:{p.key}" for p in block.points if p.publish)
+            continue
+        raw.update(block_values(block, list(regs)))
+    points = [p for b in blocks for p in b.points]
+    values, bad = decode_points(points, raw)
+    return values, quality + bad
+
+
+def decode_points(
+    points: Sequence[Point], raw: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, Value], list[str]]:
+    scale_factors = _scale_factors(points, raw)
+    values: dict[str, Value] = {}
+    quality: list[str] = []
+    for point in points:
+        if not point.publish or point.key not in raw:
+            continue
+        try:
+            value = decode_point(point, raw[point.key], scale_factors)
+        except DecodeError:
+            quality.append(f"decode:{point.key}")
+            continue
+        if value is None:
+            quality.append(f"invalid:{point.key}")
+            continue
+        values[point.key] = value
+    return values, quality
+
+
+def _scale_factors(points: Sequence[Point], raw: Mapping[str, Sequence[int]]) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for point in points:
+        if point.type is DataType.SUNSSF and point.key in raw:
+            try:
+                value = decode_raw(point, raw[point.key])
+            except DecodeError:
+                value = None
+            out[point.key] = value if isinstance(value, int) and -10 <= value <= 10 else None
+    return out
+
+
+def enum_text(point: Point, code: int) -> str | None:
+    return dict(point.enum).get(code)
+
+
+def active_bits(point: Point, value: int) -> list[str]:
+    """Names of the set bits of a bitfield point (unnamed bits as bitN)."""
+    names = dict(point.bits)
+    return [names.get(bit, f"bit{bit}") for bit in range(16 * point.count) if value >> bit & 1]

@@ -1,0 +1,295 @@
+"""Device maps (profiles): YAML files that describe a device model's points, checked and typed.
+
+The shipped library lives in config/profiles/; a site may keep its own maps beside its site
+file, which win over shipped ones of the same id. docs/device-maps.md is the reference.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from drivers.codec import SENTINEL_SETS
+from drivers.errors import ConfigError, Problem
+from drivers.model import DataType, DeviceMap, Point, Table, WordOrder
+from drivers.yamlsrc import Checker, LDict, load_file
+
+KEY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+TABLES = {"holding": Table.HOLDING, "input": Table.INPUT, "coil": Table.COIL, "discrete": Table.DISCRETE}
+TYPE_NAMES = tuple(t.name_ for t in DataType)
+MAP_KEYS = ("id", "name", "source", "extends", "defaults", "read", "identity", "points", "sunspec")
+POINT_KEYS = (
+    "key", "table", "address", "type", "count", "word_order", "byte_order", "scale", "offset",
+    "scale_factor", "unit", "counter", "invalid", "enum", "bits", "publish", "sim",
+)
+DEFAULT_KEYS = ("table", "word_order", "byte_order", "invalid", "address_offset")
+IDENTITY_KEYS = ("model", "serial", "rated_power_kw", "manufacturer", "firmware")
+
+
+def shipped_profile_dirs() -> list[Path]:
+    """Where the shipped library is: the source tree, else the installed share directory."""
+    here = Path(__file__).resolve().parent.parent / "config" / "profiles"
+    installed = Path(sys.prefix) / "share" / "pvgate" / "profiles"
+    return [d for d in (here, installed) if d.is_dir()]
+
+
+class ProfileLibrary:
+    """Finds device maps by id in an ordered list of directories and caches them."""
+
+    def __init__(self, dirs: list[Path]) -> None:
+        self.dirs = dirs
+        self._cache: dict[str, DeviceMap] = {}
+
+    @classmethod
+    def default(cls, site_dir: Path | None = None) -> ProfileLibrary:
+        dirs = [site_dir / "profiles", site_dir] if site_dir else []
+        return cls([d for d in dirs if d.is_dir()] + shipped_profile_dirs())
+
+    def ids(self) -> list[str]:
+        found = {p.stem for d in self.dirs for p in d.glob("*.yaml")}
+        return sorted(i for i in found if ID_RE.match(i))
+
+    def find(self, profile_id: str) -> Path | None:
+        for d in self.dirs:
+            path = d / f"{profile_id}.yaml"
+            if path.is_file():
+                return path
+        return None
+
+    def get(self, profile_id: str, _chain: tuple[str, ...] = ()) -> DeviceMap:
+        if profile_id in self._cache:
+            return self._cache[profile_id]
+        path = self.find(profile_id)
+        if path is None:
+            raise KeyError(profile_id)
+        dmap = load_device_map(path, self, _chain + (profile_id,))
+        self._cache[profile_id] = dmap
+        return dmap
+
+
+def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] = ()) -> DeviceMap:
+    data = load_file(path)
+    chk = Checker(str(path))
+    root = chk.mapping(data, "", 1, MAP_KEYS)
+    if root is None:
+        chk.raise_if_any()
+        raise AssertionError("unreachable")
+    map_id = chk.get(root, "id", "", str, required=True) or path.stem
+    if not ID_RE.match(map_id):
+        chk.problem(chk.line_of(root, "id"), "id", "use lower-case letters, digits and '-'")
+    parent = _parent(root, chk, library, chain)
+    defaults = _defaults(root, chk)
+    read = chk.mapping(root.get("read", LDict()), "read", chk.line_of(root, "read"),
+                       ("max_block", "max_gap", "holes")) if "read" in root else None
+    points = _points(root.get("points"), chk, defaults, root) if "points" in root else []
+    identity = _identity(root, chk, defaults)
+    merged = _merge(parent.points if parent else (), points)
+    _check_overlaps(merged, points, chk)
+    max_block = parent.max_block if parent else 125
+    max_gap = parent.max_gap if parent else 16
+    holes: list[tuple[Table, int, int]] = list(parent.holes) if parent else []
+    if read is not None:
+        max_block = chk.get(read, "max_block", "read", int, max_block)
+        if not 1 <= max_block <= 125:
+            chk.problem(chk.line_of(read, "max_block"), "read.max_block", "expected 1..125")
+        max_gap = chk.get(read, "max_gap", "read", int, max_gap)
+        holes += _holes(read, chk)
+    chk.raise_if_any()
+    return DeviceMap(
+        id=map_id,
+        name=chk.get(root, "name", "", str, parent.name if parent else map_id),
+        source=chk.get(root, "source", "", str, parent.source if parent else ""),
+        points=tuple(merged),
+        identity=tuple(_merge(parent.identity if parent else (), identity)),
+        max_block=max_block,
+        max_gap=max_gap,
+        holes=tuple(holes),
+        path=str(path),
+        sunspec=bool(chk.get(root, "sunspec", "", bool, parent.sunspec if parent else False)),
+    )
+
+
+def _parent(root: LDict, chk: Checker, library: ProfileLibrary, chain: tuple[str, ...]) -> DeviceMap | None:
+    name = chk.get(root, "extends", "", str)
+    if name is None:
+        return None
+    line = chk.line_of(root, "extends")
+    if name in chain:
+        chk.problem(line, "extends", f"circular: {' -> '.join(chain + (name,))}")
+        return None
+    try:
+        return library.get(name, chain)
+    except KeyError:
+        chk.problem(line, "extends", f"no device map {name!r}; known: {', '.join(library.ids())}")
+    except ConfigError as err:
+        chk.problems.extend(err.problems)
+    return None
+
+
+def _defaults(root: LDict, chk: Checker) -> dict[str, Any]:
+    out: dict[str, Any] = {"table": "holding", "word_order": "big", "byte_order": "big",
+                           "invalid": "none", "address_offset": 0}
+    if "defaults" in root:
+        node = chk.mapping(root["defaults"], "defaults", chk.line_of(root, "defaults"), DEFAULT_KEYS)
+        if node is not None:
+            out.update(node)
+    return out
+
+
+def _points(node: Any, chk: Checker, defaults: dict[str, Any], root: LDict) -> list[Point]:
+    out: list[Point] = []
+    seen: dict[str, int] = {}
+    for i, item, line in chk.sequence(node, "points", chk.line_of(root, "points")):
+        point = _point(item, f"points[{i}]", line, chk, defaults)
+        if point is None:
+            continue
+        if point.key in seen:
+            chk.problem(line, f"points[{i}].key", f"duplicate key {point.key!r} (first at line {seen[point.key]})")
+            continue
+        seen[point.key] = line
+        out.append(point)
+    known = {p.key for p in out}
+    for p in out:
+        if p.scale_factor is not None and p.scale_factor not in known:
+            chk.problem(seen[p.key], f"points.{p.key}.scale_factor", f"no point {p.scale_factor!r} in this map")
+    return out
+
+
+def _identity(root: LDict, chk: Checker, defaults: dict[str, Any]) -> list[Point]:
+    if "identity" not in root:
+        return []
+    node = chk.mapping(root["identity"], "identity", chk.line_of(root, "identity"), IDENTITY_KEYS)
+    if node is None:
+        return []
+    out = []
+    for key, item in node.items():
+        if isinstance(item, LDict) and "key" not in item:
+            item = LDict(item, key=key)
+            item.line, item.key_lines, item.duplicates = node.key_lines[key], {}, []
+        point = _point(item, f"identity.{key}", node.key_lines[key], chk, defaults)
+        if point is not None:
+            out.append(replace(point, publish=False))
+    return out
+
+
+def _point(item: Any, path: str, line: int, chk: Checker, defaults: dict[str, Any]) -> Point | None:
+    node = chk.mapping(item, path, line, POINT_KEYS)
+    if node is None:
+        return None
+    before = len(chk.problems)
+    key = chk.get(node, "key", path, str, required=True)
+    if key is not None and not KEY_RE.match(key):
+        chk.problem(chk.line_of(node, "key"), f"{path}.key", "use snake_case: a-z, 0-9 and _")
+    table = TABLES[chk.choice(node, "table", path, TABLES, defaults["table"]) or "holding"]
+    type_name = chk.choice(node, "type", path, TYPE_NAMES, None)
+    if type_name is None and "type" not in node:
+        chk.problem(node.line, f"{path}.type", f"required key is missing; one of {', '.join(TYPE_NAMES)}")
+    dtype = DataType.parse(type_name) if type_name else DataType.U16
+    address = chk.get(node, "address", path, int, required=True)
+    if address is not None:
+        address += int(defaults.get("address_offset", 0))
+    count = _count(node, path, chk, dtype, table)
+    if address is not None and not (0 <= address and address + count <= 65536):
+        chk.problem(chk.line_of(node, "address"), f"{path}.address", "expected 0..65535 (0-based PDU address)")
+    scale = chk.get(node, "scale", path, float, 1.0)
+    if scale == 0:
+        chk.problem(chk.line_of(node, "scale"), f"{path}.scale", "must not be 0")
+    word = chk.choice(node, "word_order", path, ("big", "little"), defaults["word_order"])
+    byte = chk.choice(node, "byte_order", path, ("big", "little"), defaults["byte_order"])
+    point = Point(
+        key=key or "?", table=table, address=address or 0, type=dtype, count=count,
+        word_order=WordOrder(word or "big"), byte_swap=byte == "little",
+        scale=scale or 1.0, offset=chk.get(node, "offset", path, float, 0.0),
+        scale_factor=chk.get(node, "scale_factor", path, str),
+        unit=chk.get(node, "unit", path, str, ""),
+        counter=chk.get(node, "counter", path, bool, False),
+        invalid=_invalid(node, path, chk, dtype, defaults),
+        enum=_code_table(node, "enum", path, chk),
+        bits=_code_table(node, "bits", path, chk),
+        publish=chk.get(node, "publish", path, bool, dtype is not DataType.SUNSSF),
+        sim=chk.get(node, "sim", path, (int, float, str), None, expected="a number or text"),
+    )
+    return point if len(chk.problems) == before else None
+
+
+def _count(node: LDict, path: str, chk: Checker, dtype: DataType, table: Table) -> int:
+    if table.is_bit:
+        return chk.get(node, "count", path, int, 1) or 1
+    if dtype is DataType.STRING:
+        count = chk.get(node, "count", path, int, None, required=True)
+        if count is not None and not 1 <= count <= 125:
+            chk.problem(chk.line_of(node, "count"), f"{path}.count", "expected 1..125 registers")
+        return count or 1
+    if "count" in node and node["count"] != dtype.words:
+        chk.problem(chk.line_of(node, "count"), f"{path}.count", f"{dtype.name_} is always {dtype.words} register(s)")
+    return dtype.words
+
+
+def _invalid(node: LDict, path: str, chk: Checker, dtype: DataType, defaults: dict[str, Any]) -> tuple[int, ...]:
+    value = node.get("invalid", defaults.get("invalid", "none"))
+    if value == "none" or value is None:
+        return ()
+    if isinstance(value, str) and value in SENTINEL_SETS:
+        return SENTINEL_SETS[value].get(dtype, ())
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    chk.problem(chk.line_of(node, "invalid"), f"{path}.invalid",
+                "expected none, sunspec, max, a raw number or a list of raw numbers")
+    return ()
+
+
+def _code_table(node: LDict, key: str, path: str, chk: Checker) -> tuple[tuple[int, str], ...]:
+    if key not in node:
+        return ()
+    table = node[key]
+    if not isinstance(table, dict) or not all(isinstance(k, str) and _int(k) is not None for k in table):
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", "expected a mapping of numbers to texts")
+        return ()
+    return tuple(sorted((_int(k) or 0, str(v)) for k, v in table.items()))
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text, 0)
+    except ValueError:
+        return None
+
+
+def _holes(read: LDict, chk: Checker) -> list[tuple[Table, int, int]]:
+    out: list[tuple[Table, int, int]] = []
+    if "holes" not in read:
+        return out
+    for i, item, line in chk.sequence(read["holes"], "read.holes", chk.line_of(read, "holes")):
+        node = chk.mapping(item, f"read.holes[{i}]", line, ("table", "from", "to"))
+        if node is None:
+            continue
+        table = TABLES[chk.choice(node, "table", f"read.holes[{i}]", TABLES, "holding") or "holding"]
+        first = chk.get(node, "from", f"read.holes[{i}]", int, required=True)
+        last = chk.get(node, "to", f"read.holes[{i}]", int, first)
+        if first is not None and last is not None:
+            out.append((table, first, last))
+    return out
+
+
+def _merge(parent: tuple[Point, ...] | list[Point], own: list[Point]) -> list[Point]:
+    """A child's point replaces its parent's point of the same key; new ones are appended."""
+    own_keys = {p.key for p in own}
+    return [p for p in parent if p.key not in own_keys] + own
+
+
+def _check_overlaps(points: list[Point], own: list[Point], chk: Checker) -> None:
+    ordered = sorted(points, key=lambda p: (p.table.value, p.address))
+    for a, b in zip(ordered, ordered[1:]):
+        if a.table is b.table and b.address < a.end:
+            chk.problems.append(Problem(
+                chk.file, 0, f"points.{b.key}",
+                f"registers {b.address}..{b.end - 1} overlap {a.key!r} ({a.address}..{a.end - 1}) "
+                f"in the {a.table.name.lower()} table",
+            ))

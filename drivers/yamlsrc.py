@@ -1,0 +1,228 @@
+"""YAML that remembers where each value came from, and a checker that reports by file:line.
+
+Technicians edit these files by hand, so every mistake must point at the line to fix. PyYAML
+does the parsing; this module keeps line numbers, refuses duplicate keys (YAML silently keeps
+the last one) and collects every problem of a file before reporting.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from drivers.errors import ConfigError, Problem
+
+T = TypeVar("T")
+
+
+class LDict(dict[str, Any]):
+    """A mapping with the line of the mapping and of each of its keys."""
+
+    line: int = 0
+    key_lines: dict[str, int]
+    duplicates: list[tuple[str, int]]
+
+
+class LList(list[Any]):
+    """A sequence with the line of the sequence and of each item."""
+
+    line: int = 0
+    item_lines: list[int]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode) -> LDict:
+    loader.flatten_mapping(node)
+    out = LDict()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    out.duplicates = []
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        key = str(key)
+        line = key_node.start_mark.line + 1
+        if key in out:
+            out.duplicates.append((key, line))
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = line
+    return out
+
+
+def _sequence(loader: _Loader, node: yaml.SequenceNode) -> LList:
+    out = LList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _mapping)  # type: ignore[arg-type]
+_Loader.add_constructor("tag:yaml.org,2002:seq", _sequence)  # type: ignore[arg-type]
+
+
+def load_text(text: str, file: str) -> Any:
+    """Parse YAML text; syntax errors become a ConfigError naming file:line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError(
+            [Problem(file, line, "", f"not valid YAML: {err.problem or err}")]
+        ) from err
+    except yaml.YAMLError as err:
+        raise ConfigError([Problem(file, 0, "", f"not valid YAML: {err}")]) from err
+
+
+def load_file(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError([Problem(str(path), 0, "", "file not found")]) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([Problem(str(path), 0, "", f"cannot read: {err}")]) from err
+    return load_text(text, str(path))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    """'10s', '500ms', '1m', '2h' or a number of seconds; None when it is none of those."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNIT_S[m.group(2)]
+    return None
+
+
+class Checker:
+    """Reads values out of LDict/LList trees and collects located problems."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def problem(self, line: int, path: str, message: str) -> None:
+        self.problems.append(Problem(self.file, line, path, message))
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+    def mapping(self, node: Any, path: str, line: int, allowed: Iterable[str]) -> LDict | None:
+        """node as a mapping whose keys are all allowed; None (and a problem) otherwise."""
+        if not isinstance(node, LDict):
+            self.problem(line, path, f"expected a mapping, got {_kind(node)}")
+            return None
+        allowed = tuple(allowed)
+        for key, kline in node.duplicates:
+            self.problem(kline, _join(path, key), "duplicate key (YAML would keep only the last)")
+        for key in node:
+            if key not in allowed:
+                self.problem(
+                    node.key_lines[key],
+                    _join(path, key),
+                    f"unknown key; allowed here: {', '.join(allowed)}",
+                )
+        return node
+
+    def sequence(self, node: Any, path: str, line: int) -> Iterator[tuple[int, Any, int]]:
+        """(index, item, line) of a sequence; a problem if node is not one."""
+        if not isinstance(node, LList):
+            self.problem(line, path, f"expected a list, got {_kind(node)}")
+            return
+        yield from ((i, item, node.item_lines[i]) for i, item in enumerate(node))
+
+    def line_of(self, node: LDict, key: str) -> int:
+        return node.key_lines.get(key, node.line)
+
+    def get(
+        self,
+        node: LDict,
+        key: str,
+        path: str,
+        kind: type[T] | tuple[type, ...],
+        default: T | None = None,
+        required: bool = False,
+        expected: str = "",
+    ) -> Any:
+        """node[key] checked against kind; default when absent; a problem when wrong."""
+        if key not in node:
+            if required:
+                self.problem(node.line, _join(path, key), "required key is missing")
+            return default
+        value = node[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
+        if kind == float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            want = expected or _kind_name(kind)
+            self.problem(
+                node.key_lines[key], _join(path, key), f"expected {want}, got {_kind(value)}"
+            )
+            return default
+        return value
+
+    def choice(
+        self, node: LDict, key: str, path: str, choices: Iterable[str], default: str | None
+    ) -> str | None:
+        choices = tuple(choices)
+        value = self.get(node, key, path, str, default, expected="one of " + ", ".join(choices))
+        if value is not None and value not in choices:
+            self.problem(
+                self.line_of(node, key),
+                _join(path, key),
+                f"{value!r} is not allowed; expected one of {', '.join(choices)}",
+            )
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def duration(
+        self, node: LDict, key: str, path: str, default: float, minimum: float = 0.0
+    ) -> float:
+        if key not in node:
+            return default
+        seconds = parse_duration(node[key])
+        if seconds is None or seconds < minimum:
+            self.problem(
+                node.key_lines[key],
+                _join(path, key),
+                f"expected a duration such as 10s, 500ms or 1m (at least {minimum:g}s), "
+                f"got {node[key]!r}",
+            )
+            return default
+        return seconds
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"true/false ({value!r})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"text {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

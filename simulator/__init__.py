@@ -1,0 +1,1 @@
+"""pvgate-sim: Modbus devices served from the same device maps, with physics and faults."""
