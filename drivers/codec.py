@@ -89,6 +89,9 @@ def decode_raw(point: Point, regs: Sequence[int]) -> Value | None:
         raise DecodeError(f"{point.key}: {err}") from err
     if isinstance(value, float) and math.isnan(value):
         return None
+    if point.type is DataType.F32 and isinstance(value, float):
+        # A float32 carries about 7 significant digits; the rest is conversion noise.
+        value = float(f"{value:.7g}")
     assert isinstance(value, (int, float))
     if point.type is DataType.BOOL:
         return bool(value)

@@ -1,0 +1,178 @@
+"""`pvgate` command line (Contract 3). User mistakes end in a message and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from agent import __version__
+from agent.config import EX_CONFIG, SiteConfig, format_problems, load_site
+from agent.logutil import setup as setup_logging
+from drivers.errors import ConfigError, PvgateError, StorageError
+
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EX_USAGE
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as err:
+        print(format_problems(err), file=sys.stderr)
+        return EX_CONFIG
+    except StorageError as err:
+        print(f"pvgate: {err}", file=sys.stderr)
+        return EX_CANTCREAT
+    except PvgateError as err:
+        print(f"pvgate: {err}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pvgate", description="Edge data logger for PV stations: Modbus -> buffer -> MQTT")
+    p.add_argument("--version", action="version", version=f"pvgate {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent (what systemd starts)")
+    run.add_argument("-c", "--config", required=True, help="site file (YAML)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate the site file and its device maps")
+    check.add_argument("-c", "--config", required=True)
+    check.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
+    check.set_defaults(func=cmd_check)
+
+    buf = sub.add_parser("buffer", help="buffer statistics, CSV export")
+    buf.add_argument("-c", "--config", required=True)
+    bsub = buf.add_subparsers(metavar="ACTION")
+    stats = bsub.add_parser("stats", help="rows, unsent, oldest unsent, size")
+    stats.set_defaults(func=cmd_buffer_stats)
+    export = bsub.add_parser("export", help="readings of a time range as CSV")
+    export.add_argument("--since", required=True, help="UTC time, e.g. 2026-11-29T08:00 or epoch ms")
+    export.add_argument("--until", default=None, help="UTC time (default: now)")
+    export.add_argument("-o", "--output", default="-", help="file (default: standard output)")
+    export.set_defaults(func=cmd_buffer_export)
+    buf.set_defaults(func=cmd_buffer_stats)
+
+    demo = sub.add_parser("demo", help="simulator + agent + broker + live view, on this machine")
+    demo.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
+    demo.add_argument("--speed", type=float, default=60.0, help="simulator clock speed (default 60x)")
+    demo.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
+    demo.set_defaults(func=cmd_demo)
+
+    from agent import commissioning  # the commissioning commands live in their own module
+
+    commissioning.add_commands(sub)
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_site(args.config)
+    setup_logging(cfg.agent.log_level)
+    from agent.runtime import Agent
+
+    agent = Agent(cfg)
+    return asyncio.run(agent.run())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_site(args.config)
+    if not args.quiet:
+        _print_summary(cfg)
+    return EX_OK
+
+
+def _print_summary(cfg: SiteConfig) -> None:
+    print(f"{cfg.file}: OK — site {cfg.site.id} ({cfg.site.name}), broker {cfg.mqtt.host}:{cfg.mqtt.port}"
+          f"{' TLS' if cfg.mqtt.tls else ''}, buffer {cfg.buffer.path} (max {cfg.buffer.max_mb:g} MB)")
+    for link in cfg.links:
+        devs = cfg.devices_on(link.id)
+        print(f"  link {link.id} ({link.type.value} {link.endpoint}): {len(devs)} device(s)")
+        for d in devs:
+            print(f"    {d.id}: unit {d.unit}, {d.profile.id}, every {d.interval_s:g}s, {len(d.profile.points)} points")
+    from agent.budget import budget_warnings
+
+    for warning in budget_warnings(cfg):
+        print(f"  warning: {warning}")
+
+
+def _open_buffer(args: argparse.Namespace) -> "tuple[SiteConfig, object]":
+    from agent.buffer import Buffer
+
+    cfg = load_site(args.config)
+    path = Path(cfg.buffer.path)
+    if not path.exists():
+        raise StorageError(f"no buffer at {path} (has the agent run yet?)")
+    return cfg, Buffer(path, cfg.buffer.max_mb, cfg.buffer.keep_sent_days, 0)
+
+
+def cmd_buffer_stats(args: argparse.Namespace) -> int:
+    from agent.buffer import Buffer
+
+    cfg, buf = _open_buffer(args)
+    assert isinstance(buf, Buffer)
+    s = buf.stats()
+    age = f"{(time.time() * 1000 - s.oldest_unsent_ts) / 1000:.0f}s" if s.oldest_unsent_ts else "-"
+    print(f"buffer {cfg.buffer.path}")
+    print(f"  rows kept      {s.total}")
+    print(f"  unsent         {s.unsent} (oldest {age} ago)")
+    print(f"  last seq       {s.last_seq}")
+    print(f"  dropped unsent {s.dropped_unsent}")
+    print(f"  size           {s.size_bytes / 1e6:.2f} MB of {s.budget_bytes / 1e6:.2f} MB")
+    buf.close()
+    return EX_OK
+
+
+def _parse_time(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError as err:
+        raise PvgateError(f"not a time: {text!r}; expected e.g. 2026-11-29T08:00 (UTC) or epoch ms") from err
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def cmd_buffer_export(args: argparse.Namespace) -> int:
+    from agent.buffer import Buffer
+
+    _, buf = _open_buffer(args)
+    assert isinstance(buf, Buffer)
+    since = _parse_time(args.since)
+    until = _parse_time(args.until) if args.until else int(time.time() * 1000)
+    if args.output == "-":
+        n = buf.export_csv(sys.stdout, since, until)
+    else:
+        with open(args.output, "w", encoding="utf-8", newline="") as fh:
+            n = buf.export_csv(fh, since, until)
+    print(f"{n} readings exported", file=sys.stderr)
+    buf.close()
+    return EX_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(seconds=args.seconds, speed=args.speed, workdir=args.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""`pvgate-sim`: serve simulated inverters and meters from the shipped device maps.
+
+    pvgate-sim --listen tcp://127.0.0.1:1502 --device 1:huawei-sun2000 --device 11:chint-dtsu666
+    pvgate-sim -c sim.yaml
+
+On start it prints one JSON line ({"event": "ready", ...}) with its listeners and its clock, so
+that a test (or a curious technician) knows what was served when. Faults can be set at start
+(--fault UNIT:KIND[:ARG]) or at run time through the control port, one JSON object per line:
+{"unit": 3, "fault": "silent"}; {"unit": 3, "fault": "none"}; {"cmd": "state"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from drivers.devicemap import ProfileLibrary
+from drivers.errors import ConfigError
+from drivers.yamlsrc import Checker, load_file
+from simulator.device import Fault, SimDevice
+from simulator.physics import PvPlant, SimClock, Sun
+from simulator.server import Bus, Listen, SerialListener, serve_tcp
+
+EX_CONFIG = 78
+EX_USAGE = 64
+
+
+@dataclass
+class DeviceSpec:
+    unit: int
+    profile: str
+    rated_kw: float = 50.0
+    fault: str = "none"
+
+
+@dataclass
+class ListenerSpec:
+    listen: str
+    devices: list[DeviceSpec] = field(default_factory=list)
+
+
+@dataclass
+class SimSpec:
+    listeners: list[ListenerSpec]
+    timezone: str = "Asia/Shanghai"
+    speed: float = 1.0
+    start: str | None = None
+    control: str | None = None
+    profiles: list[str] = field(default_factory=list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pvgate-sim", description="Modbus PV device simulator")
+    p.add_argument("-c", "--config", help="simulator file (YAML) for bigger sites")
+    p.add_argument("--listen", help="tcp://HOST:PORT, rtu-over-tcp://HOST:PORT or rtu:///dev/ttyX?baudrate=9600&parity=N")
+    p.add_argument("--device", action="append", default=[], metavar="UNIT:PROFILE[:KW]", help="a unit to serve (repeat)")
+    p.add_argument("--fault", action="append", default=[], metavar="UNIT:KIND[:ARG]",
+                   help="silent, slow:SECONDS, corrupt, exception:CODE, intermittent:P, busy:P")
+    p.add_argument("--speed", type=float, default=None, help="simulated clock runs N times faster")
+    p.add_argument("--start", default=None, help="simulated start, local time: 12:00 or 2026-06-21T12:00")
+    p.add_argument("--timezone", default=None, help="site time zone for the sun curve (default Asia/Shanghai)")
+    p.add_argument("--control", default=None, help="tcp://HOST:PORT for run-time fault control")
+    p.add_argument("--profiles", action="append", default=[], help="extra directory of device maps")
+    args = p.parse_args(argv)
+    try:
+        spec = _spec(args)
+        return asyncio.run(_run(spec))
+    except ConfigError as err:
+        print("\n".join(str(x) for x in err.problems), file=sys.stderr)
+        return EX_CONFIG
+    except (ValueError, OSError) as err:
+        print(f"pvgate-sim: {err}", file=sys.stderr)
+        return EX_USAGE
+    except KeyboardInterrupt:
+        return 0
+
+
+def _spec(args: argparse.Namespace) -> SimSpec:
+    if args.config:
+        spec = _load_spec(Path(args.config))
+    elif args.listen:
+        spec = SimSpec([ListenerSpec(args.listen, [_device_arg(d) for d in args.device])])
+    else:
+        raise ValueError("give --listen URL with --device UNIT:PROFILE, or -c sim.yaml")
+    if not any(lst.devices for lst in spec.listeners):
+        raise ValueError("no devices: add --device UNIT:PROFILE (e.g. --device 1:huawei-sun2000)")
+    for text in args.fault:
+        unit, _, fault = text.partition(":")
+        Fault.parse(fault)
+        found = [d for lst in spec.listeners for d in lst.devices if str(d.unit) == unit]
+        if not found:
+            raise ValueError(f"--fault {text}: no unit {unit}")
+        for d in found:
+            d.fault = fault
+    spec.speed = args.speed if args.speed is not None else spec.speed
+    spec.start = args.start or spec.start
+    spec.timezone = args.timezone or spec.timezone
+    spec.control = args.control or spec.control
+    spec.profiles += args.profiles
+    return spec
+
+
+def _device_arg(text: str) -> DeviceSpec:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isdigit():
+        raise ValueError(f"--device {text}: expected UNIT:PROFILE or UNIT:PROFILE:KW, e.g. 1:huawei-sun2000")
+    return DeviceSpec(int(parts[0]), parts[1], float(parts[2]) if len(parts) == 3 else 50.0)
+
+
+def _load_spec(path: Path) -> SimSpec:
+    data = load_file(path)
+    chk = Checker(str(path))
+    root = chk.mapping(data, "", 1, ("timezone", "speed", "start", "control", "profiles", "listeners"))
+    if root is None:
+        chk.raise_if_any()
+        raise AssertionError("unreachable")
+    listeners = []
+    for i, item, line in chk.sequence(root.get("listeners"), "listeners", chk.line_of(root, "listeners")):
+        node = chk.mapping(item, f"listeners[{i}]", line, ("listen", "devices"))
+        if node is None:
+            continue
+        lst = ListenerSpec(chk.get(node, "listen", f"listeners[{i}]", str, "", required=True))
+        for j, dev, dline in chk.sequence(node.get("devices"), f"listeners[{i}].devices", chk.line_of(node, "devices")):
+            path_ = f"listeners[{i}].devices[{j}]"
+            d = chk.mapping(dev, path_, dline, ("unit", "profile", "rated_kw", "fault"))
+            if d is not None:
+                lst.devices.append(DeviceSpec(chk.get(d, "unit", path_, int, 1, required=True),
+                                              chk.get(d, "profile", path_, str, "", required=True),
+                                              chk.get(d, "rated_kw", path_, float, 50.0),
+                                              chk.get(d, "fault", path_, str, "none")))
+        listeners.append(lst)
+    chk.raise_if_any()
+    return SimSpec(listeners, chk.get(root, "timezone", "", str, "Asia/Shanghai"),
+                   chk.get(root, "speed", "", float, 1.0), chk.get(root, "start", "", str, None),
+                   chk.get(root, "control", "", str, None),
+                   [str((path.parent / p).resolve()) for p in (root.get("profiles") or [])])
+
+
+def _sim_start(spec: SimSpec) -> float | None:
+    if not spec.start:
+        return None
+    tz = ZoneInfo(spec.timezone)
+    text = spec.start
+    if len(text) <= 5 and ":" in text:  # a time of day: today, local time
+        hh, mm = (int(x) for x in text.split(":"))
+        dt = datetime.now(tz).replace(hour=hh, minute=mm, second=0, microsecond=0)
+    else:
+        dt = datetime.fromisoformat(text)
+        dt = dt if dt.tzinfo else dt.replace(tzinfo=tz)
+    return dt.timestamp()
+
+
+def build_buses(spec: SimSpec, clock: SimClock) -> list[Bus]:
+    library = ProfileLibrary([Path(p) for p in spec.profiles] + ProfileLibrary.default().dirs)
+    sun = Sun(spec.timezone)
+    buses = []
+    for lst in spec.listeners:
+        devices: dict[int, SimDevice] = {}
+        for d in lst.devices:
+            try:
+                profile = library.get(d.profile)
+            except KeyError:
+                raise ValueError(f"unknown device map {d.profile!r}; known: {', '.join(library.ids())}") from None
+            if d.unit in devices:
+                raise ValueError(f"unit {d.unit} twice on {lst.listen}")
+            meter = "meter" in profile.name.lower() or profile.id in ("chint-dtsu666", "eastron-sdm630")
+            plant = PvPlant(rated_kw=d.rated_kw, seed=d.unit, meter=meter, sun=sun)
+            devices[d.unit] = SimDevice(d.unit, profile, plant, clock, Fault.parse(d.fault))
+        buses.append(Bus(Listen.parse(lst.listen), devices))
+    return buses
+
+
+async def _run(spec: SimSpec) -> int:
+    clock = SimClock.starting_now(spec.speed, _sim_start(spec))
+    buses = build_buses(spec, clock)
+    closers: list[Any] = []
+    for bus in buses:
+        if bus.listen.kind == "rtu":
+            closers.append(SerialListener(bus))
+        else:
+            server = await serve_tcp(bus)
+            closers.append(server)
+    control = await _start_control(spec.control, buses) if spec.control else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({
+        "event": "ready",
+        "listen": [b.listen.__dict__ for b in buses],
+        "units": {str(i): sorted(b.devices) for i, b in enumerate(buses)},
+        "clock": {"real0": clock.real0, "sim0": clock.sim0, "speed": clock.speed},
+        "timezone": spec.timezone,
+    }), flush=True)
+    await stop.wait()
+    for c in closers:
+        c.close()
+    if control is not None:
+        control.close()
+    return 0
+
+
+async def _start_control(url: str, buses: list[Bus]) -> asyncio.Server:
+    listen = Listen.parse(url)
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            try:
+                reply = _control(json.loads(line), buses)
+            except (ValueError, KeyError, TypeError) as err:
+                reply = {"ok": False, "error": str(err)}
+            writer.write((json.dumps(reply) + "\n").encode())
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(on_client, listen.host, listen.port)
+
+
+def _control(msg: dict[str, Any], buses: list[Bus]) -> dict[str, Any]:
+    if msg.get("cmd") == "state":
+        return {"ok": True, "t": time.time(), "buses": [
+            {"requests": b.requests, "units": {u: {"served": d.served, "fault": d.fault.kind} for u, d in b.devices.items()}}
+            for b in buses]}
+    unit = int(msg["unit"])
+    targets = [b.devices[unit] for i, b in enumerate(buses)
+               if unit in b.devices and msg.get("listener", i) == i]
+    if not targets:
+        raise KeyError(f"no unit {unit}")
+    for device in targets:
+        if "fault" in msg:
+            device.fault = Fault.parse(str(msg["fault"]))
+        for key, value in (msg.get("set") or {}).items():
+            device.overrides[key] = value
+    return {"ok": True, "unit": unit, "fault": targets[0].fault.kind}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""A simulated Modbus device: a device map encoded from the physics, plus faults on demand."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from drivers.codec import encode_invalid, encode_point
+from drivers.errors import DecodeError
+from drivers.model import DataType, DeviceMap, Point, Table, Value
+from simulator.physics import PvPlant, SimClock
+
+FAULT_KINDS = ("none", "silent", "slow", "corrupt", "exception", "intermittent", "busy")
+EXC_ILLEGAL_FUNCTION = 1
+EXC_ILLEGAL_ADDRESS = 2
+EXC_BUSY = 6
+
+
+@dataclass
+class Fault:
+    """How a unit misbehaves: kind plus its argument (seconds, exception code or probability)."""
+
+    kind: str = "none"
+    arg: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        kind, _, arg = text.partition(":")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULT_KINDS)}")
+        default = {"slow": 1.0, "exception": 4.0, "intermittent": 0.5, "busy": 0.5}.get(kind, 0.0)
+        return cls(kind, float(arg) if arg else default)
+
+
+@dataclass
+class SimDevice:
+    unit: int
+    profile: DeviceMap
+    plant: PvPlant
+    clock: SimClock
+    fault: Fault = field(default_factory=Fault)
+    served: int = 0
+    overrides: dict[str, Value] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+
+    def values_at(self, sim_t: float) -> dict[str, Value]:
+        """Every point's engineering value at simulated time sim_t."""
+        state = self.plant.state(sim_t)
+        out: dict[str, Value] = {}
+        for point in (*self.profile.points, *self.profile.identity):
+            if point.key in self.overrides:
+                out[point.key] = self.overrides[point.key]
+            elif point.key in state:
+                out[point.key] = state[point.key]
+            elif point.sim is not None:
+                out[point.key] = point.sim
+            elif point.key == "serial":
+                out[point.key] = f"SIM{self.unit:03d}{self.plant.seed:05d}"
+            elif point.key == "rated_power_kw":
+                out[point.key] = self.plant.rated_kw
+            else:
+                out[point.key] = 0
+        return out
+
+    def read(self, table: Table, address: int, count: int, real_t: float | None = None) -> list[int] | int:
+        """Registers (or bits) for a read request, or a Modbus exception code."""
+        if any(t is table and lo <= address + count - 1 and hi >= address for t, lo, hi in self.profile.holes):
+            return EXC_ILLEGAL_ADDRESS
+        values = self.values_at(self.clock.sim(real_t))
+        image = [0] * count
+        for point in (*self.profile.points, *self.profile.identity):
+            if point.table is not table or point.end <= address or point.address >= address + count:
+                continue
+            regs = self._encode(point, values.get(point.key, 0))
+            for i, reg in enumerate(regs):
+                pos = point.address + i - address
+                if 0 <= pos < count:
+                    image[pos] = reg
+        self.served += 1
+        return image
+
+    def _encode(self, point: Point, value: Value) -> list[int]:
+        if table_is_bits(point):
+            return [1 if value else 0] * point.count
+        if value is None:
+            return encode_invalid(point)
+        sf = None
+        if point.scale_factor is not None:
+            sf_point = self.profile.point(point.scale_factor)
+            sf_value = sf_point.sim if isinstance(sf_point.sim, (int, float)) else 0
+            sf = int(sf_value)
+        try:
+            return encode_point(point, value, sf)
+        except DecodeError:
+            return encode_invalid(point)
+
+
+def table_is_bits(point: Point) -> bool:
+    return point.table.is_bit or (point.type is DataType.BOOL and point.table.is_bit)
