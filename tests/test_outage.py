@@ -1,0 +1,106 @@
+"""No reading lost through a broker outage, kill -9 of the agent, or a start while the broker is down."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from support.chain import SimDev, buffer_seqs, seqs_of, start_agent, start_sim, write_site
+from support.ports import free_port
+
+DEVICES = [SimDev("inv01", 1, "huawei-sun2000"), SimDev("meter", 11, "chint-dtsu666")]
+
+
+def _records(msgs: list[Any]) -> dict[int, list[str]]:
+    """seq -> every payload that carried it (JSON of ts + values or of the event)."""
+    out: dict[int, list[str]] = {}
+    for m in msgs:
+        body = m.json()
+        if "readings" in body:
+            for r in body["readings"]:
+                out.setdefault(r["seq"], []).append(json.dumps([body["device"], r["ts"], r["values"]], sort_keys=True))
+        elif "seq" in body:
+            ev = {k: v for k, v in body.items() if k != "replay"}
+            out.setdefault(body["seq"], []).append(json.dumps(ev, sort_keys=True))
+    return out
+
+
+def _assert_complete(records: dict[int, list[str]], last: int) -> None:
+    missing = sorted(set(range(1, last + 1)) - set(records))
+    assert not missing, f"seqs never arrived: {missing[:20]} ({len(missing)} in all)"
+    reused = {s: p for s, p in records.items() if len(set(p)) > 1}
+    assert not reused, f"seq reused for different data: {list(reused.items())[:3]}"
+
+
+def _data_and_events(col: Any, site: str) -> list[Any]:
+    return [m for m in col.messages(f"pvgate/{site}/#") if "/data/" in m.topic or "/events/" in m.topic]
+
+
+def test_broker_outage_loses_nothing(tmp_path: Path, broker, collector_factory, procs) -> None:
+    port = free_port()
+    start_sim(procs, port, DEVICES, speed=60)
+    site = write_site(tmp_path / "site.yaml", site_id="outage", broker_port=broker.port, modbus_port=port,
+                      devices=DEVICES, interval="500ms")
+    col = collector_factory(["pvgate/outage/#"])
+    agent = start_agent(procs, site)
+    col.wait_for(lambda ms: len(seqs_of(_data_and_events(col, "outage"))) >= 6, timeout=20)
+    broker.stop()
+    time.sleep(6)  # polling goes on, into the buffer
+    last_during, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+    broker.restart()
+    col.wait_subscribed(count=2, timeout=15)
+    col.wait_for(lambda ms: set(range(1, last_during + 1)) <= set(seqs_of(_data_and_events(col, "outage"))),
+                 timeout=40, desc="every seq buffered during the outage")
+    assert agent.running
+    agent.terminate(timeout=15)
+    last, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+    time.sleep(0.5)
+    records = _records(_data_and_events(col, "outage"))
+    _assert_complete(records, last)
+    assert last > last_during + 2, "polling went on during and after the outage"
+    replayed = [m for m in _data_and_events(col, "outage") if m.json().get("replay")]
+    assert replayed, "the backlog is marked as replayed"
+
+
+def test_kill9_and_restart_reuses_no_seq(tmp_path: Path, broker, collector_factory, procs) -> None:
+    port = free_port()
+    start_sim(procs, port, DEVICES, speed=60)
+    site = write_site(tmp_path / "site.yaml", site_id="crash", broker_port=broker.port, modbus_port=port,
+                      devices=DEVICES, interval="300ms")
+    col = collector_factory(["pvgate/crash/#"])
+    for round_ in range(3):
+        agent = start_agent(procs, site, name=f"agent{round_}")
+        time.sleep(2.5)
+        agent.kill9()
+        last_before, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+        assert last_before > 0
+    agent = start_agent(procs, site, name="agent-final")
+    last_committed, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+    col.wait_for(lambda ms: set(range(1, last_committed + 1)) <= set(seqs_of(_data_and_events(col, "crash"))),
+                 timeout=40, desc="every committed seq after restarts")
+    agent.terminate(timeout=15)
+    last, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+    time.sleep(0.5)
+    _assert_complete(_records(_data_and_events(col, "crash")), last)
+
+
+def test_start_while_broker_down_buffers_from_first_poll(tmp_path: Path, broker_factory, collector_factory, procs) -> None:
+    broker = broker_factory(start=False)
+    port = free_port()
+    start_sim(procs, port, DEVICES, speed=60)
+    site = write_site(tmp_path / "site.yaml", site_id="coldstart", broker_port=broker.port, modbus_port=port,
+                      devices=DEVICES, interval="500ms")
+    agent = start_agent(procs, site)
+    time.sleep(4)
+    buffered, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+    assert buffered >= 4, "readings are buffered from the first poll, broker or not"
+    broker.start()
+    col = collector_factory(["pvgate/coldstart/#"], broker=broker)
+    col.wait_for(lambda ms: set(range(1, buffered + 1)) <= set(seqs_of(_data_and_events(col, "coldstart"))),
+                 timeout=40, desc="everything buffered before the broker came up")
+    agent.terminate(timeout=15)
+    last, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+    time.sleep(0.5)
+    _assert_complete(_records(_data_and_events(col, "coldstart")), last)
