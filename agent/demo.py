@@ -60,9 +60,9 @@ def _start_broker(work: Path, port: int) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=log, stderr=log)
         print(f"broker   mosquitto on 127.0.0.1:{port}")
     else:
-        try:
-            import amqtt  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("amqtt") is None:
             raise PvgateError("no MQTT broker: install mosquitto (apt-get install mosquitto) "
                               "or the embedded one (pip install 'pvgate[demo]')") from None
         conf = work / "amqtt.yaml"

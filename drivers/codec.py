@@ -7,6 +7,7 @@ top: byte swap, scale and offset, SunSpec scale factors, and "not available" sen
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -90,11 +91,24 @@ def decode_raw(point: Point, regs: Sequence[int]) -> Value | None:
     if isinstance(value, float) and math.isnan(value):
         return None
     if point.type is DataType.F32 and isinstance(value, float):
-        # A float32 carries about 7 significant digits; the rest is conversion noise.
-        value = float(f"{value:.7g}")
+        value = shortest_f32(value)
     assert isinstance(value, (int, float))
     if point.type is DataType.BOOL:
         return bool(value)
+    return value
+
+
+def shortest_f32(value: float) -> float:
+    """The shortest decimal that is the same float32: 230.1 rather than 230.10000610351562.
+
+    Rounding to a fixed 7 digits would lose bits a device really sent (a 123456.79 kWh counter
+    would become 123456.8); the shortest exact form keeps every bit and drops only the noise.
+    """
+    packed = struct.pack(">f", value)
+    for digits in range(6, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack(">f", candidate) == packed:
+            return candidate
     return value
 
 
@@ -158,10 +172,13 @@ def _unscale(point: Point, value: Value, sf: int | None) -> int | float:
     if point.type in (DataType.BITS, DataType.SUNSSF, DataType.BOOL) or point.enum:
         return int(value)
     factor = point.scale * (10.0**sf if sf is not None else 1.0)
-    raw = (value - point.offset) / factor
+    if factor == 1.0 and point.offset == 0.0 and isinstance(value, int):
+        raw: int | float = value  # exact: 64-bit counters do not survive a trip through a double
+    else:
+        raw = (value - point.offset) / factor
     if point.type in (DataType.F32, DataType.F64):
         return raw
-    number = int(round(raw))
+    number = raw if isinstance(raw, int) else int(round(raw))
     lo, hi = int_range(point.type)
     return min(max(number, lo), hi)
 
