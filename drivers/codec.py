@@ -74,6 +74,12 @@ def decode_raw(point: Point, regs: Sequence[int]) -> Value | None:
     """Registers to the unscaled value; None when the device says "not available"."""
     if len(regs) != point.count:
         raise DecodeError(f"{point.key}: expected {point.count} registers, got {len(regs)}")
+    if point.table.is_bit:
+        # Coils and discrete inputs arrive as 0/1 per address: one is a bool, several a bitfield
+        # with the point's first address as bit 0.
+        if point.count == 1:
+            return bool(regs[0])
+        return sum((1 << i) for i, bit in enumerate(regs) if bit)
     if point.byte_swap:
         regs = _swap_bytes(regs)
     if point.type is DataType.STRING:
