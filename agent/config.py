@@ -6,8 +6,10 @@ technician fixes all of them in one pass. Nothing here opens a port or a socket.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +105,11 @@ def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteCo
     path = Path(path)
     data = load_file(path)
     chk = Checker(str(path))
-    root = chk.mapping(data if data is not None else LDict(), "", 1, TOP_KEYS)
+    if data is None:
+        # Empty or only comments: one message that says what belongs in it, not four.
+        chk.problem(1, "", "the file is empty; a site file needs the sections site, mqtt, links "
+                           "and devices (see config/examples/site.yaml)")
+    root = chk.mapping(data, "", 1, TOP_KEYS) if data is not None else None
     if root is None:
         chk.raise_if_any()
         raise AssertionError("unreachable")
@@ -111,14 +117,21 @@ def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteCo
     for key in ("site", "mqtt", "links", "devices"):
         if key not in root:
             chk.problem(root.line, key, "required section is missing")
-    site = _site(_section(root, "site", SITE_KEYS, chk), chk, "site" in root)
-    mqtt = _mqtt(_section(root, "mqtt", MQTT_KEYS, chk), chk, site.id, "mqtt" in root)
+    # A section that is not a mapping is reported once by _section; its keys are then not
+    # reported missing one by one as well.
+    site = _site(_section(root, "site", SITE_KEYS, chk), chk, _is_mapping(root, "site"))
+    mqtt = _mqtt(_section(root, "mqtt", MQTT_KEYS, chk), chk, site.id, _is_mapping(root, "mqtt"))
     agent = _agent(_section(root, "agent", AGENT_KEYS, chk), chk)
     buffer = _buffer(_section(root, "buffer", BUFFER_KEYS, chk), chk, agent.state_dir)
-    links = _links(root, chk)
-    devices = _devices(root, chk, {link.id: link for link in links}, library)
+    links, declared = _links(root, chk)
+    devices = _devices(root, chk, {link.id: link for link in links}, declared, library,
+                       path.resolve().parent)
     chk.raise_if_any()
     return SiteConfig(str(path), site, mqtt, buffer, agent, tuple(links), tuple(devices))
+
+
+def _is_mapping(root: LDict, key: str) -> bool:
+    return isinstance(root.get(key), LDict)
 
 
 def _section(root: LDict, key: str, allowed: tuple[str, ...], chk: Checker) -> LDict:
@@ -130,7 +143,7 @@ def _section(root: LDict, key: str, allowed: tuple[str, ...], chk: Checker) -> L
 
 def _empty(line: int) -> LDict:
     node = LDict()
-    node.line, node.key_lines, node.duplicates = line, {}, []
+    node.line = line
     return node
 
 
@@ -142,6 +155,8 @@ def _site(node: LDict, chk: Checker, present: bool) -> SiteInfo:
     tz = chk.get(node, "timezone", "site", str, "Asia/Shanghai")
     _check_timezone(tz, node, chk)
     cap = chk.get(node, "capacity_kwp", "site", float, None)
+    if cap is not None and cap <= 0:
+        chk.problem(chk.line_of(node, "capacity_kwp"), "site.capacity_kwp", "expected a number of kWp above 0")
     return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap)
 
 
@@ -150,13 +165,17 @@ def _check_timezone(tz: str, node: LDict, chk: Checker) -> None:
 
     try:
         ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory such as "Asia"
         chk.problem(chk.line_of(node, "timezone"), "site.timezone",
                     f"unknown time zone {tz!r}; expected an IANA name such as Asia/Shanghai")
 
 
 def _mqtt(node: LDict, chk: Checker, site_id: str, present: bool) -> MqttConfig:
     host = chk.get(node, "host", "mqtt", str, "", required=present)
+    if "host" in node and host:
+        _check_host(host, node, "mqtt", chk)
+    elif "host" in node and isinstance(node["host"], str):
+        chk.problem(chk.line_of(node, "host"), "mqtt.host", "expected the broker's host name or IP address, got nothing")
     tls = _tls(node, chk)
     port = chk.get(node, "port", "mqtt", int, 8883 if tls else 1883)
     if not 1 <= port <= 65535:
@@ -166,6 +185,14 @@ def _mqtt(node: LDict, chk: Checker, site_id: str, present: bool) -> MqttConfig:
         chk.problem(chk.line_of(node, "topic_prefix"), "mqtt.topic_prefix",
                     "no MQTT wildcards (+ #) and no leading or trailing '/'")
     password = _secret(node, "password", "password_file", "mqtt", chk)
+    username = chk.get(node, "username", "mqtt", str, None)
+    if username is None and ("password" in node or "password_file" in node) and "username" not in node:
+        # paho sends a password only together with a user name; without one it is silently dropped.
+        key = "password" if "password" in node else "password_file"
+        chk.problem(chk.line_of(node, key), f"mqtt.{key}", "a password needs a username (add mqtt.username)")
+    keepalive = chk.get(node, "keepalive", "mqtt", int, 60)
+    if not 5 <= keepalive <= 65535:
+        chk.problem(chk.line_of(node, "keepalive"), "mqtt.keepalive", "expected 5..65535 seconds")
     batch = chk.get(node, "batch_max", "mqtt", int, 200)
     inflight = chk.get(node, "inflight", "mqtt", int, 50)
     if not 1 <= batch <= 5000:
@@ -174,9 +201,9 @@ def _mqtt(node: LDict, chk: Checker, site_id: str, present: bool) -> MqttConfig:
         chk.problem(chk.line_of(node, "inflight"), "mqtt.inflight", "expected 1..1000 (20-100 is best)")
     return MqttConfig(
         host=host or "", port=port, topic_prefix=prefix, tls=tls,
-        username=chk.get(node, "username", "mqtt", str, None), password=password,
+        username=username, password=password,
         client_id=chk.get(node, "client_id", "mqtt", str, f"pvgate-{site_id}"),
-        keepalive=chk.get(node, "keepalive", "mqtt", int, 60), batch_max=batch, inflight=inflight,
+        keepalive=keepalive, batch_max=batch, inflight=inflight,
     )
 
 
@@ -187,23 +214,73 @@ def _tls(node: LDict, chk: Checker) -> TlsConfig | None:
     if tls is None:
         return None
     files: dict[str, str | None] = {}
+    readable: dict[str, bool] = {}
     for key in ("ca_file", "cert_file", "key_file"):
         value = chk.get(tls, key, "mqtt.tls", str, None, required=key == "ca_file")
-        if value is not None:
-            _readable(value, tls, key, "mqtt.tls", chk)
+        readable[key] = value is not None and _readable(value, tls, key, "mqtt.tls", chk)
         files[key] = value
     if (files["cert_file"] is None) != (files["key_file"] is None):
         chk.problem(tls.line, "mqtt.tls", "cert_file and key_file go together (client certificate)")
     key_password = _secret(tls, "key_password", "key_password_file", "mqtt.tls", chk)
+    _check_tls_material(tls, files, readable, key_password, chk)
     return TlsConfig(files["ca_file"] or "", files["cert_file"], files["key_file"], key_password)
 
 
-def _readable(value: str, node: LDict, key: str, path: str, chk: Checker) -> None:
+def _check_tls_material(tls: LDict, files: dict[str, str | None], readable: dict[str, bool],
+                        key_password: str | None, chk: Checker) -> None:
+    """Load the files the way the publisher will, so a wrong or mismatched file fails `check`, not the first connect."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca = files["ca_file"]
+    if ca is not None and readable["ca_file"]:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, ValueError) as err:
+            chk.problem(chk.line_of(tls, "ca_file"), "mqtt.tls.ca_file",
+                        f"{ca} is not a PEM certificate (-----BEGIN CERTIFICATE-----): {_ssl_reason(err)}")
+    cert, key = files["cert_file"], files["key_file"]
+    if cert is not None and key is not None and readable["cert_file"] and readable["key_file"]:
+        encrypted = b"ENCRYPTED" in Path(key).read_bytes()  # PKCS#8 and traditional PEM both say so
+        if encrypted and not key_password and "key_password" not in tls and "key_password_file" not in tls:
+            chk.problem(chk.line_of(tls, "key_file"), "mqtt.tls.key_file",
+                        f"{key} is encrypted; give its pass phrase in key_password_file "
+                        "(or key_password: ${ENV_NAME})")
+            return
+        try:
+            # A callable, never None: with None OpenSSL would prompt on the terminal for the
+            # pass phrase of an encrypted key, and `check` (or systemd) would hang.
+            ctx.load_cert_chain(cert, key, password=lambda: key_password or "")
+        except (ssl.SSLError, ValueError) as err:
+            why = "wrong pass phrase for the key, or " if encrypted else ""
+            chk.problem(chk.line_of(tls, "cert_file"), "mqtt.tls.cert_file",
+                        f"{cert} with key {key} cannot be used: {_ssl_reason(err)} ({why}expected a "
+                        "PEM certificate and the PEM key that belongs to it)")
+
+
+def _ssl_reason(err: Exception) -> str:
+    reason = getattr(err, "reason", None)
+    text = str(reason) if reason else str(err)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", text).replace("_", " ").lower()
+
+
+def _readable(value: str, node: LDict, key: str, path: str, chk: Checker) -> bool:
+    """Whether the file can be read by this user; a problem naming the cause otherwise."""
     p = Path(value)
+    line, where = chk.line_of(node, key), f"{path}.{key}"
+    if not p.exists():
+        chk.problem(line, where, f"file {value} does not exist")
+        return False
     if not p.is_file():
-        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"file {value} does not exist")
-    elif not os.access(p, os.R_OK):
-        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"file {value} is not readable by this user")
+        chk.problem(line, where, f"{value} is not a file (a directory?); give the path of the file itself")
+        return False
+    # Open it rather than ask os.access: that is the check that counts, also under root with
+    # capabilities dropped (systemd) or on file systems with ACLs.
+    try:
+        with p.open("rb"):
+            pass
+    except OSError as err:
+        chk.problem(line, where, f"file {value} cannot be read by this user: {err.strerror or err}")
+        return False
+    return True
 
 
 def _secret(node: LDict, key: str, file_key: str, path: str, chk: Checker) -> str | None:
@@ -212,29 +289,54 @@ def _secret(node: LDict, key: str, file_key: str, path: str, chk: Checker) -> st
         chk.problem(chk.line_of(node, key), f"{path}.{key}", f"give either {key} or {file_key}, not both")
     if file_key in node:
         name = chk.get(node, file_key, path, str, None)
-        if name is None:
+        if name is None or not _readable(name, node, file_key, path, chk):
             return None
-        _readable(name, node, file_key, path, chk)
         try:
-            return Path(name).read_text(encoding="utf-8").strip()
-        except OSError:
+            secret = Path(name).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} cannot be read as UTF-8 text: {err}")
             return None
-    value = chk.get(node, key, path, str, None)
-    if value is None:
+        if not secret:
+            chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} is empty")
+            return None
+        return secret
+    if key not in node:
         return None
-    m = ENV_RE.match(value)
+    value = node[key]
+    m = ENV_RE.match(value) if isinstance(value, str) else None
     if not m:
+        # Also for a number or an empty value: whatever is written here is a plain-text secret.
         chk.problem(chk.line_of(node, key), f"{path}.{key}",
                     f"write it as ${{ENV_NAME}} or use {file_key}; secrets are not kept in the site file")
         return None
     if m.group(1) not in os.environ:
         chk.problem(chk.line_of(node, key), f"{path}.{key}", f"environment variable {m.group(1)} is not set")
         return None
+    if not os.environ[m.group(1)]:
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"environment variable {m.group(1)} is empty")
+        return None
     return os.environ[m.group(1)]
+
+
+def _check_host(host: str, node: LDict, path: str, chk: Checker) -> None:
+    """A host name or an IP address only: 'mqtt://x:1883' or 'x:502' would fail at connect time."""
+    line, where = chk.line_of(node, "host"), f"{path}.host"
+    if "://" in host or "/" in host:
+        chk.problem(line, where, f"{host!r}: give the host name or IP address only, without a scheme or path")
+    elif ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            chk.problem(line, where, f"{host!r}: give the host name or IP address only; the port goes in port")
+    elif any(c.isspace() for c in host):
+        chk.problem(line, where, f"{host!r}: a host name has no spaces")
 
 
 def _agent(node: LDict, chk: Checker) -> AgentConfig:
     state = chk.get(node, "state_dir", "agent", str, os.environ.get("PVGATE_STATE_DIR", DEFAULT_STATE_DIR))
+    if not state:
+        chk.problem(chk.line_of(node, "state_dir"), "agent.state_dir", "expected a directory path")
+        state = DEFAULT_STATE_DIR
     level = chk.choice(node, "log_level", "agent", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
     return AgentConfig(state, chk.duration(node, "health_interval", "agent", 60.0, 1.0), level or "INFO")
 
@@ -245,16 +347,25 @@ def _buffer(node: LDict, chk: Checker, state_dir: str) -> BufferConfig:
     if max_mb is not None and max_mb < 0.1:
         chk.problem(chk.line_of(node, "max_mb"), "buffer.max_mb", "expected at least 0.1 (MB)")
     keep = chk.get(node, "keep_sent_days", "buffer", float, 7.0)
+    if keep < 0:
+        chk.problem(chk.line_of(node, "keep_sent_days"), "buffer.keep_sent_days", "expected 0 or more days")
     commit = chk.duration(node, "commit_interval", "buffer", 1.0, 0.0)
     free = chk.get(node, "min_free_mb", "buffer", float, 64.0)
+    if free < 0:
+        chk.problem(chk.line_of(node, "min_free_mb"), "buffer.min_free_mb", "expected 0 or more (MB)")
     return BufferConfig(path, max_mb, keep, commit, free)
 
 
-def _links(root: LDict, chk: Checker) -> list[Link]:
+def _links(root: LDict, chk: Checker) -> tuple[list[Link], set[str] | None]:
+    """The valid links, and every id declared (None when the section itself is unusable)."""
     out: list[Link] = []
     seen: dict[str, int] = {}
-    items = list(chk.sequence(root["links"], "links", chk.line_of(root, "links"))) if "links" in root else []
-    if "links" in root and not items and isinstance(root["links"], list):
+    if "links" not in root:
+        return out, None
+    items = list(chk.sequence(root["links"], "links", chk.line_of(root, "links")))
+    if not isinstance(root["links"], list):
+        return out, None
+    if not items:
         chk.problem(chk.line_of(root, "links"), "links", "at least one link is required")
     for i, item, line in items:
         path = f"links[{i}]"
@@ -265,7 +376,7 @@ def _links(root: LDict, chk: Checker) -> list[Link]:
         if link_id is None:
             continue
         if not ID_RE.match(link_id):
-            chk.problem(chk.line_of(node, "id"), f"{path}.id", "use lower-case letters, digits and '-'")
+            chk.problem(chk.line_of(node, "id"), f"{path}.id", f"{link_id!r}: use lower-case letters, digits and '-'")
         if link_id in seen:
             chk.problem(chk.line_of(node, "id"), f"{path}.id", f"duplicate link id {link_id!r} (first at line {seen[link_id]})")
             continue
@@ -273,7 +384,7 @@ def _links(root: LDict, chk: Checker) -> list[Link]:
         link = _link(node, path, link_id, chk)
         if link is not None:
             out.append(link)
-    return out
+    return out, set(seen)
 
 
 def _link(node: LDict, path: str, link_id: str, chk: Checker) -> Link | None:
@@ -285,8 +396,14 @@ def _link(node: LDict, path: str, link_id: str, chk: Checker) -> Link | None:
     ltype = LinkType(kind)
     timeout = chk.duration(node, "timeout", path, 0.5 if ltype is not LinkType.TCP else 1.0, 0.01)
     retries = chk.get(node, "retries", path, int, 1)
+    if not 0 <= retries <= 10:
+        chk.problem(chk.line_of(node, "retries"), f"{path}.retries", "expected 0..10")
     inter_frame = chk.duration(node, "inter_frame", path, 0.05 if ltype is not LinkType.TCP else 0.0)
     if ltype is LinkType.RTU:
+        if "host" in node:
+            # Ignoring it would hide a link meant as rtu-over-tcp (a DTU) behind a serial port.
+            chk.problem(chk.line_of(node, "host"), f"{path}.host",
+                        "only for tcp and rtu-over-tcp; an rtu link names its serial port in port")
         port = chk.get(node, "port", path, str, None, required=True, expected="a serial device such as /dev/ttyUSB0")
         baud = chk.get(node, "baudrate", path, int, 9600)
         if baud not in (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200):
@@ -296,12 +413,19 @@ def _link(node: LDict, path: str, link_id: str, chk: Checker) -> Link | None:
         if stop not in (1, 2):
             chk.problem(chk.line_of(node, "stopbits"), f"{path}.stopbits", "expected 1 or 2")
         size = chk.get(node, "bytesize", path, int, 8)
+        if size != 8:
+            # 7 data bits is Modbus ASCII; RTU frames are binary and need all 8.
+            chk.problem(chk.line_of(node, "bytesize"), f"{path}.bytesize", "expected 8 (Modbus RTU uses 8 data bits)")
         serial = SerialSettings(port or "", baud, parity, stop, size)
         return Link(link_id, ltype, serial=serial, timeout=timeout, retries=retries, inter_frame_s=inter_frame)
     for key in ("baudrate", "parity", "stopbits", "bytesize"):
         if key in node:
             chk.problem(chk.line_of(node, key), f"{path}.{key}", f"only for type rtu, not {kind}")
     host = chk.get(node, "host", path, str, None, required=True)
+    if host:
+        _check_host(host, node, path, chk)
+    elif host is not None:
+        chk.problem(chk.line_of(node, "host"), f"{path}.host", "expected a host name or IP address, got nothing")
     port = chk.get(node, "port", path, int, 502)
     if not 1 <= port <= 65535:
         chk.problem(chk.line_of(node, "port"), f"{path}.port", "expected a TCP port 1..65535")
@@ -309,7 +433,8 @@ def _link(node: LDict, path: str, link_id: str, chk: Checker) -> Link | None:
                 inter_frame_s=inter_frame)
 
 
-def _devices(root: LDict, chk: Checker, links: dict[str, Link], library: ProfileLibrary) -> list[Device]:
+def _devices(root: LDict, chk: Checker, links: dict[str, Link], declared: set[str] | None,
+             library: ProfileLibrary, site_dir: Path) -> list[Device]:
     out: list[Device] = []
     seen: dict[str, int] = {}
     units: dict[tuple[str, int], str] = {}
@@ -322,13 +447,18 @@ def _devices(root: LDict, chk: Checker, links: dict[str, Link], library: Profile
         if node is None:
             continue
         dev_id = chk.get(node, "id", path, str, None, required=True)
-        if dev_id is not None and not ID_RE.match(dev_id) and dev_id != "_site":
-            chk.problem(chk.line_of(node, "id"), f"{path}.id", "use lower-case letters, digits and '-' (part of MQTT topics)")
-        if dev_id is not None and dev_id in seen:
-            chk.problem(chk.line_of(node, "id"), f"{path}.id", f"duplicate device id {dev_id!r} (first at line {seen[dev_id]})")
-            continue
-        device = _device(node, path, dev_id, chk, links, library)
-        if device is None or dev_id is None:
+        if dev_id == "_site":
+            chk.problem(chk.line_of(node, "id"), f"{path}.id",
+                        "'_site' is reserved for the station's own events (P/S/events/_site)")
+        elif dev_id is not None and not ID_RE.match(dev_id):
+            chk.problem(chk.line_of(node, "id"), f"{path}.id",
+                        f"{dev_id!r}: use lower-case letters, digits and '-' (part of MQTT topics)")
+        duplicate = dev_id is not None and dev_id in seen
+        if duplicate:
+            chk.problem(chk.line_of(node, "id"), f"{path}.id", f"duplicate device id {dev_id!r} (first at line {seen[dev_id or '']})")
+        # A duplicate is still checked through, so its other mistakes show in the same run.
+        device = _device(node, path, dev_id, chk, links, declared, library, site_dir)
+        if device is None or dev_id is None or duplicate:
             continue
         seen[dev_id] = line
         other = units.get((device.link, device.unit))
@@ -341,14 +471,22 @@ def _devices(root: LDict, chk: Checker, links: dict[str, Link], library: Profile
 
 
 def _device(node: LDict, path: str, dev_id: str | None, chk: Checker, links: dict[str, Link],
-            library: ProfileLibrary) -> Device | None:
+            declared: set[str] | None, library: ProfileLibrary, site_dir: Path) -> Device | None:
     link_id = chk.get(node, "link", path, str, None, required=True)
-    if link_id is not None and link_id not in links:
-        known = ", ".join(links) or "none defined"
+    # Only for a link never declared: one that is declared but wrong has its own message already.
+    if link_id is not None and link_id not in links and declared is not None and link_id not in declared:
+        known = ", ".join(sorted(declared)) or "none defined"
         chk.problem(chk.line_of(node, "link"), f"{path}.link", f"no link {link_id!r}; links: {known}")
     unit = chk.get(node, "unit", path, int, 1)
-    if not 0 <= unit <= 247:
-        chk.problem(chk.line_of(node, "unit"), f"{path}.unit", "expected a Modbus unit id 0..247")
+    link = links.get(link_id or "")
+    if link is not None and link.type is not LinkType.TCP:
+        # On a serial bus 0 is the broadcast address: every device listens, none answers.
+        if not 1 <= unit <= 247:
+            chk.problem(chk.line_of(node, "unit"), f"{path}.unit",
+                        f"expected a Modbus unit id 1..247 on {link.type.value} link {link.id!r} (0 is broadcast)")
+    elif not 0 <= unit <= 255:
+        # Modbus TCP devices often answer on 0, 1 or 255 whatever the serial range says.
+        chk.problem(chk.line_of(node, "unit"), f"{path}.unit", "expected a Modbus unit id 0..255")
     profile_id = chk.get(node, "profile", path, str, None, required=True)
     profile = None
     if profile_id is not None:
@@ -356,18 +494,24 @@ def _device(node: LDict, path: str, dev_id: str | None, chk: Checker, links: dic
             profile = library.get(profile_id)
         except KeyError:
             chk.problem(chk.line_of(node, "profile"), f"{path}.profile",
-                        f"unknown device map {profile_id!r}; known: {', '.join(library.ids())}")
+                        f"unknown device map {profile_id!r}; known: {', '.join(library.ids())} "
+                        f"(a map of your own goes in {site_dir / 'profiles' / (profile_id + '.yaml')})")
         except ConfigError as err:
-            chk.problems.extend(err.problems)
+            # Several devices share a map: its mistakes are listed once.
+            chk.problems.extend(p for p in err.problems if p not in chk.problems)
             chk.problem(chk.line_of(node, "profile"), f"{path}.profile", f"device map {profile_id!r} has errors (above)")
     interval = chk.duration(node, "interval", path, 10.0, 0.1)
     timeout = chk.duration(node, "timeout", path, 0.0, 0.01) if "timeout" in node else None
     retries = chk.get(node, "retries", path, int, None)
+    if retries is not None and not 0 <= retries <= 10:
+        chk.problem(chk.line_of(node, "retries"), f"{path}.retries", "expected 0..10")
     offline_after = chk.get(node, "offline_after", path, int, 3)
+    if not 1 <= offline_after <= 1000:
+        chk.problem(chk.line_of(node, "offline_after"), f"{path}.offline_after", "expected 1..1000 failed polls")
     backoff = chk.duration(node, "backoff_max", path, 300.0, 1.0)
-    if dev_id is None or link_id not in links or profile is None:
+    if dev_id is None or link is None or profile is None:
         return None
-    return Device(dev_id, link_id, unit, profile, interval, timeout, retries, max(1, offline_after), backoff)
+    return Device(dev_id, link.id, unit, profile, interval, timeout, retries, offline_after, backoff)
 
 
 def format_problems(err: ConfigError) -> str:

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from drivers.codec import SENTINEL_SETS
-from drivers.errors import ConfigError, Problem
+from drivers.errors import ConfigError
 from drivers.model import DataType, DeviceMap, Point, Table, WordOrder
 from drivers.yamlsrc import Checker, LDict, load_file
 
 KEY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# A top-level key only device maps have: tells a map from the site file or a simulator file
+# when both live in the site's directory.
+_MAP_MARK = re.compile(r"^(points|extends|sunspec)\s*:", re.MULTILINE)
 
 TABLES = {"holding": Table.HOLDING, "input": Table.INPUT, "coil": Table.COIL, "discrete": Table.DISCRETE}
 TYPE_NAMES = tuple(t.name_ for t in DataType)
@@ -41,17 +44,20 @@ def shipped_profile_dirs() -> list[Path]:
 class ProfileLibrary:
     """Finds device maps by id in an ordered list of directories and caches them."""
 
-    def __init__(self, dirs: list[Path]) -> None:
+    def __init__(self, dirs: list[Path], mixed: tuple[Path, ...] = ()) -> None:
         self.dirs = dirs
+        self.mixed = mixed  # directories that also hold other YAML (the site file's own)
         self._cache: dict[str, DeviceMap] = {}
 
     @classmethod
     def default(cls, site_dir: Path | None = None) -> ProfileLibrary:
         dirs = [site_dir / "profiles", site_dir] if site_dir else []
-        return cls([d for d in dirs if d.is_dir()] + shipped_profile_dirs())
+        return cls([d for d in dirs if d.is_dir()] + shipped_profile_dirs(),
+                   (site_dir,) if site_dir else ())
 
     def ids(self) -> list[str]:
-        found = {p.stem for d in self.dirs for p in d.glob("*.yaml")}
+        found = {p.stem for d in self.dirs for p in d.glob("*.yaml")
+                 if d not in self.mixed or _looks_like_map(p)}
         return sorted(i for i in found if ID_RE.match(i))
 
     def find(self, profile_id: str) -> Path | None:
@@ -67,12 +73,21 @@ class ProfileLibrary:
         path = self.find(profile_id)
         if path is None:
             raise KeyError(profile_id)
-        dmap = load_device_map(path, self, _chain + (profile_id,))
+        dmap = load_device_map(path, self, _chain + (profile_id,), expect_id=profile_id)
         self._cache[profile_id] = dmap
         return dmap
 
 
-def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] = ()) -> DeviceMap:
+def _looks_like_map(path: Path) -> bool:
+    try:
+        return _MAP_MARK.search(path.read_text(encoding="utf-8", errors="replace")) is not None
+    except OSError:
+        return False
+
+
+def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] = (),
+                    expect_id: str | None = None) -> DeviceMap:
+    """Load and check one map; expect_id is the id it was looked up by (its file name)."""
     data = load_file(path)
     chk = Checker(str(path))
     root = chk.mapping(data, "", 1, MAP_KEYS)
@@ -82,14 +97,19 @@ def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] 
     map_id = chk.get(root, "id", "", str, required=True) or path.stem
     if not ID_RE.match(map_id):
         chk.problem(chk.line_of(root, "id"), "id", "use lower-case letters, digits and '-'")
+    elif expect_id is not None and map_id != expect_id:
+        # Site files name maps by file; an id that differs would publish under another name.
+        chk.problem(chk.line_of(root, "id"), "id",
+                    f"{map_id!r} differs from the file name {path.name}; make them the same")
     parent = _parent(root, chk, library, chain)
     defaults = _defaults(root, chk)
     read = chk.mapping(root.get("read", LDict()), "read", chk.line_of(root, "read"),
                        ("max_block", "max_gap", "holes")) if "read" in root else None
-    points = _points(root.get("points"), chk, defaults, root) if "points" in root else []
+    lines: dict[str, int] = {}
+    points = _points(root.get("points"), chk, defaults, root, lines) if "points" in root else []
     identity = _identity(root, chk, defaults)
     merged = _merge(parent.points if parent else (), points)
-    _check_overlaps(merged, points, chk)
+    _check_overlaps(merged, lines, chk, parent.id if parent else "")
     max_block = parent.max_block if parent else 125
     max_gap = parent.max_gap if parent else 16
     holes: list[tuple[Table, int, int]] = list(parent.holes) if parent else []
@@ -128,22 +148,41 @@ def _parent(root: LDict, chk: Checker, library: ProfileLibrary, chain: tuple[str
         chk.problem(line, "extends", f"no device map {name!r}; known: {', '.join(library.ids())}")
     except ConfigError as err:
         chk.problems.extend(err.problems)
+        chk.problem(line, "extends", f"device map {name!r} has errors (above)")
     return None
 
 
 def _defaults(root: LDict, chk: Checker) -> dict[str, Any]:
     out: dict[str, Any] = {"table": "holding", "word_order": "big", "byte_order": "big",
                            "invalid": "none", "address_offset": 0}
-    if "defaults" in root:
-        node = chk.mapping(root["defaults"], "defaults", chk.line_of(root, "defaults"), DEFAULT_KEYS)
-        if node is not None:
-            out.update(node)
+    if "defaults" not in root:
+        return out
+    node = chk.mapping(root["defaults"], "defaults", chk.line_of(root, "defaults"), DEFAULT_KEYS)
+    if node is None:
+        return out
+    # Checked here, once: every point takes these as given, and a wrong one would otherwise
+    # surface as a KeyError or ValueError deep inside _point.
+    out["table"] = chk.choice(node, "table", "defaults", TABLES, out["table"])
+    out["word_order"] = chk.choice(node, "word_order", "defaults", ("big", "little"), out["word_order"])
+    out["byte_order"] = chk.choice(node, "byte_order", "defaults", ("big", "little"), out["byte_order"])
+    out["address_offset"] = chk.get(node, "address_offset", "defaults", int, 0)
+    if "invalid" in node:
+        value = node["invalid"]
+        ok = (value is None or value in ("none", *SENTINEL_SETS)
+              or (isinstance(value, int) and not isinstance(value, bool))
+              or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)))
+        if ok:
+            out["invalid"] = value
+        else:
+            chk.problem(chk.line_of(node, "invalid"), "defaults.invalid",
+                        f"expected none, {', '.join(SENTINEL_SETS)}, a raw number or a list of raw numbers")
     return out
 
 
-def _points(node: Any, chk: Checker, defaults: dict[str, Any], root: LDict) -> list[Point]:
+def _points(node: Any, chk: Checker, defaults: dict[str, Any], root: LDict,
+            seen: dict[str, int]) -> list[Point]:
+    """The valid points; seen gets the line of each point's key."""
     out: list[Point] = []
-    seen: dict[str, int] = {}
     for i, item, line in chk.sequence(node, "points", chk.line_of(root, "points")):
         point = _point(item, f"points[{i}]", line, chk, defaults)
         if point is None:
@@ -169,8 +208,10 @@ def _identity(root: LDict, chk: Checker, defaults: dict[str, Any]) -> list[Point
     out = []
     for key, item in node.items():
         if isinstance(item, LDict) and "key" not in item:
-            item = LDict(item, key=key)
-            item.line, item.key_lines, item.duplicates = node.key_lines[key], {}, []
+            # Keep the entry's own lines, so a mistake inside it is reported where it is.
+            named = LDict(item, key=key)
+            named.line, named.key_lines, named.duplicates = item.line, dict(item.key_lines), list(item.duplicates)
+            item = named
         point = _point(item, f"identity.{key}", node.key_lines[key], chk, defaults)
         if point is not None:
             out.append(replace(point, publish=False))
@@ -194,8 +235,13 @@ def _point(item: Any, path: str, line: int, chk: Checker, defaults: dict[str, An
     if address is not None:
         address += int(defaults.get("address_offset", 0))
     count = _count(node, path, chk, dtype, table)
-    if address is not None and not (0 <= address and address + count <= 65536):
-        chk.problem(chk.line_of(node, "address"), f"{path}.address", "expected 0..65535 (0-based PDU address)")
+    if address is not None and not 0 <= address <= 65535:
+        shift = int(defaults.get("address_offset", 0))
+        note = f" after defaults.address_offset {shift}" if shift else ""
+        chk.problem(chk.line_of(node, "address"), f"{path}.address", f"expected 0..65535 (0-based PDU address){note}")
+    elif address is not None and address + count > 65536:
+        chk.problem(chk.line_of(node, "address"), f"{path}.address",
+                    f"the point's {count} registers run past 65535")
     scale = chk.get(node, "scale", path, float, 1.0)
     if scale == 0:
         chk.problem(chk.line_of(node, "scale"), f"{path}.scale", "must not be 0")
@@ -219,7 +265,11 @@ def _point(item: Any, path: str, line: int, chk: Checker, defaults: dict[str, An
 
 def _count(node: LDict, path: str, chk: Checker, dtype: DataType, table: Table) -> int:
     if table.is_bit:
-        return chk.get(node, "count", path, int, 1) or 1
+        bits: int = chk.get(node, "count", path, int, 1)
+        if not 1 <= bits <= 2000:
+            chk.problem(chk.line_of(node, "count"), f"{path}.count", "expected 1..2000 bits")
+            return 1
+        return bits
     if dtype is DataType.STRING:
         count = chk.get(node, "count", path, int, None, required=True)
         if count is not None and not 1 <= count <= 125:
@@ -284,12 +334,18 @@ def _merge(parent: tuple[Point, ...] | list[Point], own: list[Point]) -> list[Po
     return [p for p in parent if p.key not in own_keys] + own
 
 
-def _check_overlaps(points: list[Point], own: list[Point], chk: Checker) -> None:
+def _check_overlaps(points: list[Point], lines: dict[str, int], chk: Checker, parent_id: str) -> None:
+    """Two points on the same registers; reported at the line of this file's point."""
     ordered = sorted(points, key=lambda p: (p.table.value, p.address))
-    for a, b in zip(ordered, ordered[1:]):
-        if a.table is b.table and b.address < a.end:
-            chk.problems.append(Problem(
-                chk.file, 0, f"points.{b.key}",
-                f"registers {b.address}..{b.end - 1} overlap {a.key!r} ({a.address}..{a.end - 1}) "
-                f"in the {a.table.name.lower()} table",
-            ))
+    widest: Point | None = None  # of the points so far in this table, the one that ends last
+    for p in ordered:
+        if widest is not None and widest.table is p.table and p.address < widest.end:
+            # The parent's own overlaps were reported when it was loaded; only this file's count.
+            if p.key in lines or widest.key in lines:
+                here, other = (p, widest) if p.key in lines else (widest, p)
+                origin = "" if other.key in lines else f" (from {parent_id})"
+                chk.problem(lines[here.key], f"points.{here.key}",
+                            f"registers {here.address}..{here.end - 1} overlap {other.key!r}{origin} "
+                            f"({other.address}..{other.end - 1}) in the {p.table.name.lower()} table")
+        if widest is None or widest.table is not p.table or p.end > widest.end:
+            widest = p

@@ -7,6 +7,7 @@ the last one) and collects every problem of a file before reporting.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,12 +27,23 @@ class LDict(dict[str, Any]):
     key_lines: dict[str, int]
     duplicates: list[tuple[str, int]]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set here, not only by the YAML constructor: an LDict made in code (an empty file's
+        # stand-in, a point built from an identity entry) must not fail on a missing attribute.
+        self.key_lines = {}
+        self.duplicates = []
+
 
 class LList(list[Any]):
     """A sequence with the line of the sequence and of each item."""
 
     line: int = 0
     item_lines: list[int]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.item_lines = []
 
 
 class _Loader(yaml.SafeLoader):
@@ -62,8 +74,19 @@ def _sequence(loader: _Loader, node: yaml.SequenceNode) -> LList:
     return out
 
 
-_Loader.add_constructor("tag:yaml.org,2002:map", _mapping)  # type: ignore[arg-type]
-_Loader.add_constructor("tag:yaml.org,2002:seq", _sequence)  # type: ignore[arg-type]
+_Loader.add_constructor("tag:yaml.org,2002:map", _mapping)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _sequence)
+
+
+# What a technician can do about PyYAML's terse parser messages.
+_YAML_HINTS = (
+    ("'\\t'", "indent with spaces, not tabs"),
+    ("mapping values are not allowed", "a ':' inside a value? put the value in quotes; else check the indentation"),
+    ("expected <block end>", "check this line's indentation against the lines above"),
+    ("while scanning a quoted scalar", "a quote is not closed"),
+    ("while parsing a flow", "a [ or { is not closed, or a ',' is missing"),
+    ("found unhashable key", "a key cannot be a list or a mapping"),
+)
 
 
 def load_text(text: str, file: str) -> Any:
@@ -71,22 +94,51 @@ def load_text(text: str, file: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        raise ConfigError(
-            [Problem(file, line, "", f"not valid YAML: {err.problem or err}")]
-        ) from err
+        raise ConfigError([_syntax_problem(err, text, file)]) from err
     except yaml.YAMLError as err:
         raise ConfigError([Problem(file, 0, "", f"not valid YAML: {err}")]) from err
 
 
+def _syntax_problem(err: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
+    end = len(text.rstrip())
+    last_line = max(1, text.count("\n", 0, end) + 1)
+    mark = err.problem_mark or err.context_mark
+    # An unclosed quote or bracket is only noticed at the end of the file; the line to fix is
+    # where it was opened (the context), not the end of the file.
+    if (err.problem_mark is not None and err.problem_mark.index >= end
+            and err.context_mark is not None and err.context_mark.index < end):
+        mark = err.context_mark
+    line = min(mark.line + 1, last_line) if mark is not None else 0
+    message = f"not valid YAML: {err.problem or err}"
+    if err.context and err.context_mark is not None and err.context_mark is not mark:
+        message += f" ({err.context} at line {min(err.context_mark.line + 1, last_line)})"
+    found = f"{err.problem or ''} {err.context or ''}"
+    hints = [hint for needle, hint in _YAML_HINTS if needle in found]
+    if hints:
+        message += f"; {hints[0]}"
+    return Problem(file, line, "", message)
+
+
 def load_file(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError as err:
         raise ConfigError([Problem(str(path), 0, "", "file not found")]) from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError([Problem(str(path), 0, "", f"cannot read: {err}")]) from err
+    except IsADirectoryError as err:
+        raise ConfigError([Problem(str(path), 0, "", "is a directory, not a file")]) from err
+    except OSError as err:
+        raise ConfigError([Problem(str(path), 0, "", f"cannot read: {err.strerror or err}")]) from err
+    try:
+        # utf-8-sig: Windows Notepad starts UTF-8 files with a byte-order mark.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        # Chinese Windows editors save GBK by default; name the line and the way out.
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError([Problem(
+            str(path), line, "",
+            f"not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8 "
+            "(e.g. Notepad: Save as, Encoding UTF-8)",
+        )]) from err
     return load_text(text, str(path))
 
 
@@ -129,10 +181,13 @@ class Checker:
             self.problem(kline, _join(path, key), "duplicate key (YAML would keep only the last)")
         for key in node:
             if key not in allowed:
+                # Most unknown keys are typos ("adress", "baud_rate"): name the likely one.
+                close = difflib.get_close_matches(key.lower(), allowed, n=1, cutoff=0.7)
+                guess = f"did you mean {close[0]!r}? " if close else ""
                 self.problem(
-                    node.key_lines[key],
+                    node.key_lines.get(key, node.line),
                     _join(path, key),
-                    f"unknown key; allowed here: {', '.join(allowed)}",
+                    f"unknown key; {guess}allowed here: {', '.join(allowed)}",
                 )
         return node
 
