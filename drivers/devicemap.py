@@ -118,7 +118,9 @@ def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] 
         if not 1 <= max_block <= 125:
             chk.problem(chk.line_of(read, "max_block"), "read.max_block", "expected 1..125")
         max_gap = chk.get(read, "max_gap", "read", int, max_gap)
-        holes += _holes(read, chk)
+        if max_gap < 0:
+            chk.problem(chk.line_of(read, "max_gap"), "read.max_gap", "expected 0 or more registers")
+        holes += _holes(read, chk, defaults)
     chk.raise_if_any()
     return DeviceMap(
         id=map_id,
@@ -312,19 +314,26 @@ def _int(text: str) -> int | None:
         return None
 
 
-def _holes(read: LDict, chk: Checker) -> list[tuple[Table, int, int]]:
+def _holes(read: LDict, chk: Checker, defaults: dict[str, Any]) -> list[tuple[Table, int, int]]:
+    """Register ranges never to be read, written like the points (same table and numbering defaults)."""
     out: list[tuple[Table, int, int]] = []
+    shift = int(defaults.get("address_offset", 0))
     if "holes" not in read:
         return out
     for i, item, line in chk.sequence(read["holes"], "read.holes", chk.line_of(read, "holes")):
         node = chk.mapping(item, f"read.holes[{i}]", line, ("table", "from", "to"))
         if node is None:
             continue
-        table = TABLES[chk.choice(node, "table", f"read.holes[{i}]", TABLES, "holding") or "holding"]
-        first = chk.get(node, "from", f"read.holes[{i}]", int, required=True)
-        last = chk.get(node, "to", f"read.holes[{i}]", int, first)
-        if first is not None and last is not None:
-            out.append((table, first, last))
+        path = f"read.holes[{i}]"
+        table = TABLES[chk.choice(node, "table", path, TABLES, defaults["table"]) or defaults["table"]]
+        first = chk.get(node, "from", path, int, required=True)
+        last = chk.get(node, "to", path, int, first)
+        if first is None or last is None:
+            continue
+        if last < first:
+            chk.problem(chk.line_of(node, "to"), f"{path}.to", f"must not be below from ({first})")
+            continue
+        out.append((table, first + shift, last + shift))
     return out
 
 

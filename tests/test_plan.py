@@ -269,13 +269,6 @@ def test_plan_does_not_depend_on_map_order(
     assert spans(forward) == spans(backward)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="drivers/devicemap.py _holes: a hole ignores defaults.table (always holding unless it "
-    "says table:) and defaults.address_offset (unlike points), so a hole written like the map's "
-    "points in a 1-based input-register map (Sungrow style) is silently off by one and in the "
-    "wrong table",
-)
 def test_holes_follow_the_maps_defaults(tmp_path: Path) -> None:
     (tmp_path / "h.yaml").write_text(
         "id: h\nsource: test\n"
