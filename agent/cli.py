@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     from agent import commissioning  # the commissioning commands live in their own module
 
     commissioning.add_commands(sub)
+    from agent import status  # `pvgate status` lives beside the agent's status socket
+
+    status.add_command(sub)
     return p
 
 

@@ -1,0 +1,347 @@
+"""`pvgate status`: a unix socket in the agent's state directory, and the client that reads it.
+
+The running agent listens on ``<state_dir>/pvgate.sock`` (mode 0660: root and the service's
+group may ask). The protocol is one JSON object per line each way, then the agent closes the
+connection::
+
+    -> {"cmd": "status"}
+    <- {"ok": true, "status": {...}}
+
+Only read-only questions are answered here (``status``, ``ping``); reloading is
+``systemctl reload pvgate`` (SIGHUP) or the ``reload`` remote command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "pvgate.sock"
+MAX_REQUEST_BYTES = 4096
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+CLIENT_TIMEOUT_S = 10.0
+EX_OK = 0
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def socket_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / SOCKET_NAME
+
+
+# -- server (runs on the agent's event loop) ---------------------------------------------------
+
+
+class StatusServer:
+    """Answers JSON requests on a unix socket; never lets a client block or crash the agent."""
+
+    def __init__(self, path: str | Path, handler: Handler) -> None:
+        self.path = Path(path)
+        self.handler = handler
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> bool:
+        """Listen; False (with a logged reason) when the socket cannot be had. Never fatal."""
+        if not self._clear_stale():
+            return False
+        old_umask = os.umask(0o117)  # socket file 0660
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
+                                                           limit=MAX_REQUEST_BYTES + 2)
+        except OSError as err:
+            log.warning("device=_site status socket %s not available: %s; `pvgate status` will not work",
+                        self.path, err)
+            return False
+        finally:
+            os.umask(old_umask)
+        log.info("device=_site status socket listening on %s", self.path)
+        return True
+
+    def _clear_stale(self) -> bool:
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return True
+        except OSError as err:
+            log.warning("device=_site status socket %s not available: %s", self.path, err)
+            return False
+        if not stat.S_ISSOCK(st.st_mode):
+            log.warning("device=_site status socket %s not available: the path exists and is not a socket",
+                        self.path)
+            return False
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            pass  # nobody listens: left behind by an agent that was killed
+        else:
+            log.warning("device=_site status socket %s is answered by another running agent; not replacing it",
+                        self.path)
+            return False
+        finally:
+            probe.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        return True
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        self._server = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5.0)
+            except (ValueError, asyncio.LimitOverrunError):
+                reply: dict[str, Any] = {"ok": False, "error": f"request too large (at most {MAX_REQUEST_BYTES} bytes)"}
+            else:
+                reply = await self._answer(line)
+            writer.write(json.dumps(reply, ensure_ascii=False, default=str).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), 5.0)
+        except (asyncio.TimeoutError, ConnectionError, OSError) as err:
+            log.debug("device=_site status client went away: %s", err)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line.decode("utf-8")) if line.strip() else {"cmd": "status"}
+        except (UnicodeDecodeError, ValueError):
+            return {"ok": False, "error": "malformed request: expected one JSON object per line"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "malformed request: expected a JSON object"}
+        try:
+            return await self.handler(request)
+        except Exception as err:  # a status question must never take the agent down
+            log.warning("device=_site status request failed: %s", err)
+            return {"ok": False, "error": f"internal error: {err}"}
+
+
+# -- client (pvgate status) --------------------------------------------------------------------
+
+
+class StatusUnavailable(Exception):
+    """No agent answers; the message says why, for the technician."""
+
+    def __init__(self, message: str, code: int = EX_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def query(path: str | Path, request: dict[str, Any] | None = None,
+          timeout_s: float = CLIENT_TIMEOUT_S) -> dict[str, Any]:
+    """Send one request to the agent's status socket and return its reply."""
+    path = Path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise StatusUnavailable(f"no agent is running: {path} does not exist "
+                                    "(is the service started? `systemctl status pvgate`)") from None
+        except ConnectionRefusedError:
+            raise StatusUnavailable(f"no agent is running: nothing listens on {path} "
+                                    "(left behind by a stopped agent; `systemctl status pvgate`)") from None
+        except PermissionError:
+            raise StatusUnavailable(f"permission denied on {path}: run as root or as a member of the "
+                                    "pvgate group (sudo pvgate status)", EX_NOPERM) from None
+        except OSError as err:
+            if err.errno in (errno.ENOTSOCK, errno.ENOTDIR):
+                raise StatusUnavailable(f"no agent is running: {path} is not a socket") from None
+            raise StatusUnavailable(f"cannot reach the agent at {path}: {err.strerror or err}") from None
+        sock.sendall(json.dumps(request or {"cmd": "status"}).encode() + b"\n")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise StatusUnavailable(f"the agent at {path} sent an oversized reply")
+    except TimeoutError:
+        raise StatusUnavailable(f"the agent at {path} did not answer within {timeout_s:g} s") from None
+    except OSError as err:
+        raise StatusUnavailable(f"connection to the agent at {path} failed: {err.strerror or err}") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(b"".join(chunks).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise StatusUnavailable(f"the agent at {path} sent an unreadable reply") from None
+    if not isinstance(reply, dict):
+        raise StatusUnavailable(f"the agent at {path} sent an unexpected reply")
+    return reply
+
+
+def _ago(ts_ms: int | None, now_ms: int) -> str:
+    if not ts_ms:
+        return "never"
+    return f"{_duration(max(0, now_ms - ts_ms) / 1000)} ago"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _mb(n: int | float | None) -> str:
+    return f"{(n or 0) / 1048576:.1f} MB"  # MiB, as max_mb in the site file
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return out
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_status(st: dict[str, Any], values: bool = True) -> str:
+    """The status reply as a table a technician can read on an 80-column terminal."""
+    now = int(st.get("ts") or time.time() * 1000)
+    lines = [f"pvgate {st.get('version', '?')}  site {st.get('site', '?')} ({st.get('name', '')})  "
+             f"pid {st.get('pid', '?')}  up {_duration(float(st.get('uptime_s', 0)))}  {st.get('state', '')}",
+             f"config  {st.get('config', '?')} (reloads: {st.get('reloads', 0)})"]
+    mq = st.get("mqtt", {})
+    lines.append(f"mqtt    {mq.get('host')}:{mq.get('port')}{' TLS' if mq.get('tls') else ''}  "
+                 f"{'connected' if mq.get('connected') else 'NOT CONNECTED'}  "
+                 f"{mq.get('messages', 0)} messages, {mq.get('acked_rows', 0)} rows acknowledged, "
+                 f"{mq.get('connects', 0)} connects")
+    b = st.get("buffer", {})
+    lines.append(f"buffer  {b.get('unsent', 0)} unsent (oldest {_duration(float(b.get('oldest_unsent_age_s', 0)))}), "
+                 f"last seq {b.get('last_seq', 0)}, {b.get('rows', 0)} rows, {_mb(b.get('size_bytes'))} of "
+                 f"{_mb(b.get('budget_bytes'))}, dropped {b.get('dropped_unsent', 0)} unsent / "
+                 f"{b.get('memory_dropped', 0)} in memory, disk free {_mb(st.get('disk_free_bytes'))}")
+    wd = st.get("watchdog", {})
+    if wd.get("enabled"):
+        stalled = wd.get("stalled") or []
+        lines.append(f"watchdog  {'STALLED: ' + ', '.join(stalled) if stalled else 'ok'}")
+    lines.append("")
+    link_rows = []
+    for lid, ln in sorted(st.get("links", {}).items()):
+        link_rows.append([lid, str(ln.get("type", "")), str(ln.get("endpoint", "")),
+                          "yes" if ln.get("connected") else "no", str(ln.get("transactions", 0)),
+                          str(ln.get("errors", 0)), str(ln.get("timeouts", 0)),
+                          f"{float(ln.get('mean_response_ms', 0.0)):.1f}"])
+    lines += _table(["LINK", "TYPE", "ENDPOINT", "CONNECTED", "TRANSACTIONS", "ERRORS", "TIMEOUTS", "MEAN MS"],
+                    link_rows)
+    lines.append("")
+    dev_rows = []
+    devices = st.get("devices", {})
+    for did, d in sorted(devices.items()):
+        dev_rows.append([did, str(d.get("link", "")), str(d.get("unit", "")), str(d.get("profile", "")),
+                         f"{float(d.get('interval_s', 0)):g}s", str(d.get("state", "")),
+                         _ago(d.get("last_good_ts"), now), str(d.get("consecutive_failures", 0)),
+                         f"{d.get('polls', 0)}/{d.get('failed_polls', 0)}", str(d.get("overruns", 0))])
+    lines += _table(["DEVICE", "LINK", "UNIT", "PROFILE", "EVERY", "STATE", "LAST GOOD", "FAILS",
+                     "POLLS/FAILED", "OVERRUNS"], dev_rows)
+    if values:
+        for did, d in sorted(devices.items()):
+            vals = d.get("values") or {}
+            if not vals:
+                continue
+            lines.append("")
+            lines.append(f"{did}: last values ({_ago(d.get('last_good_ts'), now)})")
+            units = d.get("units") or {}
+            rows = [[f"  {k}", _fmt_value(v), str(units.get(k, ""))] for k, v in vals.items()]
+            lines += [r for r in _table(["", "", ""], rows)[1:]]
+    return "\n".join(lines)
+
+
+# -- the `pvgate status` subcommand ------------------------------------------------------------
+
+
+def add_command(sub: Any) -> None:
+    """Register `pvgate status` on the CLI's subparsers."""
+    p = sub.add_parser("status", help="what the running agent is doing (links, devices, values, buffer)")
+    p.add_argument("-c", "--config", default=None,
+                   help="site file; its agent.state_dir locates the agent's socket")
+    p.add_argument("--socket", default=None, help=f"the agent's status socket (default: STATE_DIR/{SOCKET_NAME})")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--no-values", action="store_true", help="leave out the devices' last values")
+    p.set_defaults(func=cmd_status)
+
+
+def _state_dir_of(config: str | None) -> str:
+    """The agent's state directory, read leniently: a status look-up must not need secrets."""
+    from agent.config import DEFAULT_STATE_DIR
+
+    default = os.environ.get("PVGATE_STATE_DIR", DEFAULT_STATE_DIR)
+    if config is None:
+        return default
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise StatusUnavailable(f"site file {config} not found", 66) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise StatusUnavailable(f"cannot read site file {config}: {err}", 66) from None
+    agent = data.get("agent") if isinstance(data, dict) else None
+    state = agent.get("state_dir") if isinstance(agent, dict) else None
+    return state if isinstance(state, str) and state else default
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        path = Path(args.socket) if args.socket else socket_path(_state_dir_of(args.config))
+        reply = query(path)
+    except StatusUnavailable as err:
+        print(f"pvgate status: {err}", file=sys.stderr)
+        return err.code
+    if not reply.get("ok"):
+        print(f"pvgate status: the agent refused: {reply.get('error', 'unknown error')}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    status = reply.get("status", {})
+    if args.json:
+        print(json.dumps(status, ensure_ascii=False, indent=2))
+    else:
+        print(format_status(status, values=not args.no_values))
+    return EX_OK
+
+
+__all__ = ["SOCKET_NAME", "StatusServer", "StatusUnavailable", "add_command", "cmd_status", "format_status",
+           "query", "socket_path"]
