@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from typing import Any
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -15,6 +16,7 @@ def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     fmt = FORMAT if not sys.stderr.isatty() else "%(asctime)s " + FORMAT
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(JournalLineFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -51,3 +53,28 @@ class RateLimitedLog:
 
     def suppressed(self, key: str) -> int:
         return self._state.get(key, (0.0, 0))[1]
+
+
+class JournalLineFilter(logging.Filter):
+    """One line per event, each naming a device: journald gets no multi-line tracebacks, and a
+    record from a module that does not say which device it concerns is about the site."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        changed = False
+        if record.exc_info:
+            exc = "".join(traceback.format_exception(*record.exc_info)).strip()
+            msg = f"{msg} | {exc}"
+            record.exc_info = None
+            record.exc_text = None
+            changed = True
+        if "device=" not in msg:
+            msg = f"device=_site {msg}"
+            changed = True
+        if "\n" in msg:
+            msg = " | ".join(line for line in msg.splitlines() if line.strip())
+            changed = True
+        if changed:
+            record.msg = msg
+            record.args = None
+        return True

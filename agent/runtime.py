@@ -16,9 +16,8 @@ Service behaviour (docs/operations.md):
   seq, same publisher unless the MQTT settings changed); an invalid one is rejected, each
   problem logged as file:line, and the running configuration is kept.
 
-Test hook: ``PVGATE_TEST_WEDGE_POLL_AFTER=<seconds>`` makes every Modbus read hang forever after
-that many seconds, so the link workers stop making progress and the watchdog pings must stop
-(tests/test_notify_runtime.py). It is meant for tests only and logs a warning when armed.
+systemd supervision (watchdog, STATUS=, the test wedge hook) is in agent/supervision.py, the
+health and status snapshots in agent/health.py.
 """
 
 from __future__ import annotations
@@ -28,11 +27,8 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import signal
-import threading
 import time
-import traceback
 from collections.abc import Coroutine, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -45,10 +41,12 @@ from agent import __version__
 from agent.buffer import Buffer
 from agent.commands import CommandHandler
 from agent.config import SiteConfig, load_site
+from agent.health import health_message, status_snapshot
 from agent.logutil import RateLimitedLog
 from agent.poller import DeviceState, LinkWorker
 from agent.publisher import Publisher
-from agent.sdnotify import ProgressWatchdog, SdNotifier
+from agent.sdnotify import SdNotifier
+from agent.supervision import Supervision
 from agent.status import StatusServer, socket_path
 from agent.writer import BufferWriter
 from drivers.errors import ConfigError, PvgateError
@@ -57,8 +55,6 @@ from drivers.model import Device, Event, Value
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 RELOAD_DRAIN_S = 10.0
-STATUS_EVERY_S = 30.0
-WEDGE_ENV = "PVGATE_TEST_WEDGE_POLL_AFTER"
 
 
 def aligned_start(interval_s: float, now: float | None = None) -> datetime:
@@ -93,14 +89,7 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self._on_demand: set[str] = set()
         self._rl = RateLimitedLog(log)
-        # systemd watchdog
-        self._watchdog: ProgressWatchdog | None = None
-        self._watchdog_stop = threading.Event()
-        self._watchdog_thread: threading.Thread | None = None
-        self._stale_after_s = 0.0
-        self._loop_beat = time.monotonic()
-        self._busy_seen: dict[int, float] = {}
-        self._unsent = 0
+        self.supervision = Supervision(self)
         self._next_publisher: Publisher | None = None
 
     # -- construction ------------------------------------------------------------------------
@@ -148,7 +137,6 @@ class Agent:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._reload_lock = asyncio.Lock()
-        install_log_tagging()
         self.notifier.status("starting")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -159,13 +147,13 @@ class Agent:
             self._start_workers()
             self._start_scheduler(poll_now=[d.id for d in self.cfg.devices])
             await self.status_server.start()
-            self._spawn(self._heartbeat(), "heartbeat")
-            self._arm_test_wedge()
+            self._spawn(self.supervision.heartbeat(), "heartbeat")
+            self.supervision.arm_test_wedge()
             log.info("device=_site pvgate %s running: site %s, %d links, %d devices, buffer %s",
                      __version__, self.cfg.site.id, len(self.workers), len(self.cfg.devices), self.cfg.buffer.path)
             self.notifier.ready()
-            self.notifier.status(self._status_line())
-            self._start_watchdog()
+            self.notifier.status(self.supervision.status_line())
+            self.supervision.start_watchdog()
             await self._stop.wait()
         finally:
             await self.shutdown()
@@ -260,9 +248,7 @@ class Agent:
         await loop.run_in_executor(None, self.writer.stop)
         await loop.run_in_executor(None, self.publisher.stop, STOP_GRACE_S)
         self.buffer.close()
-        self._watchdog_stop.set()
-        if self._watchdog_thread is not None:
-            self._watchdog_thread.join(timeout=2.0)
+        self.supervision.stop()
         log.info("device=_site stopped")
 
     # -- reload (SIGHUP, remote command) -----------------------------------------------------
@@ -301,7 +287,7 @@ class Agent:
             self.last_reload = {"ts": int(time.time() * 1000), "origin": origin, "ok": bool(result.get("ok")),
                                 **({"error": result["error"]} if "error" in result else {})}
             self.notifier.ready()
-            self.notifier.status(self._status_line())
+            self.notifier.status(self.supervision.status_line())
         if swap and defer_publisher:
             self._spawn(self._deferred_swap(), "publisher-swap")
         return result
@@ -375,9 +361,9 @@ class Agent:
         self._reloading = True
         self._stop_scheduler()
         deadline = time.monotonic() + RELOAD_DRAIN_S
-        while self._any_busy() and time.monotonic() < deadline and not self._stopping:
+        while self.supervision.any_busy() and time.monotonic() < deadline and not self._stopping:
             await asyncio.sleep(0.02)
-        if self._any_busy():
+        if self.supervision.any_busy():
             log.warning("device=_site reload: polls still running after %.0f s are abandoned", RELOAD_DRAIN_S)
         await self._stop_workers()
         await loop.run_in_executor(None, self.writer.flush, 10.0)
@@ -502,101 +488,6 @@ class Agent:
     def device_points(self) -> dict[str, tuple[str, ...]]:
         return {d.id: tuple(p.key for p in d.profile.points if p.publish) for d in self.cfg.devices}
 
-    # -- systemd watchdog --------------------------------------------------------------------
-
-    def _start_watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval_s()
-        if interval is None:
-            return
-        self._stale_after_s = 2 * interval  # the whole WATCHDOG_USEC
-        probes = {
-            "event-loop": lambda: self._loop_beat,
-            "poll": self._poll_progress,
-            "publish": lambda: self.publisher.last_progress,
-            "buffer-writer": lambda: self.writer.last_progress,
-        }
-        self._watchdog = ProgressWatchdog(self.notifier, probes, self._stale_after_s)
-        self._watchdog_thread = self._watchdog.run_in_thread(interval, self._watchdog_stop)
-        slowest = max((self._poll_budget_s(w) for w in self.workers.values()), default=0.0)
-        log.info("device=_site systemd watchdog: WATCHDOG=1 every %.3g s while loops progress; "
-                 "stale after %.3g s (a busy link worker: after %.3g s)",
-                 interval, self._stale_after_s, max(self._stale_after_s, slowest))
-
-    @staticmethod
-    def _poll_budget_s(worker: LinkWorker) -> float:
-        """The longest one poll on this link may legitimately take (every block, every retry, 'busy')."""
-        worst = 0.0
-        for state in worker.states.values():
-            d = state.device
-            timeout = d.timeout if d.timeout is not None else worker.link.timeout
-            retries = d.retries if d.retries is not None else worker.link.retries
-            worst = max(worst, max(1, len(state.blocks)) * (retries + 3) * (timeout + worker.link.inter_frame_s))
-        return worst
-
-    def _any_busy(self) -> bool:
-        return any(st.queued for w in list(self.workers.values()) for st in list(w.states.values()))
-
-    def _poll_progress(self) -> float:
-        """Progress of the polling side: an idle worker (nothing queued) is progressing by
-        definition; a busy one must have finished a poll recently, or have become busy recently.
-        Called on the watchdog thread."""
-        now = time.monotonic()
-        if self._stopping or self._reloading:
-            self._busy_seen = {}
-            return now
-        oldest = now
-        seen: dict[int, float] = {}
-        for worker in list(self.workers.values()):
-            if not any(st.queued for st in list(worker.states.values())):
-                continue
-            since = seen[id(worker)] = self._busy_seen.get(id(worker), now)
-            credit = max(0.0, self._poll_budget_s(worker) - self._stale_after_s)
-            oldest = min(oldest, max(worker.last_progress, since) + credit)
-        self._busy_seen = seen
-        return oldest
-
-    async def _heartbeat(self) -> None:
-        """Proves the event loop runs (watchdog probe) and keeps systemd's STATUS= fresh."""
-        loop = asyncio.get_running_loop()
-        next_status = time.monotonic() + STATUS_EVERY_S
-        while True:
-            self._loop_beat = time.monotonic()
-            if self.notifier.enabled and self._loop_beat >= next_status:
-                next_status = self._loop_beat + STATUS_EVERY_S
-                try:
-                    self._unsent = (await loop.run_in_executor(None, self.buffer.stats)).unsent
-                except Exception as err:  # noqa: BLE001 - a status line is not worth a crash
-                    log.debug("device=_site buffer stats for STATUS= failed: %s", err)
-                self.notifier.status(self._status_line())
-            await asyncio.sleep(0.5 if self._stale_after_s <= 0 else min(0.5, self._stale_after_s / 4))
-
-    def _status_line(self) -> str:
-        states = [st for w in self.workers.values() for st in w.states.values()]
-        online = sum(1 for st in states if st.online)
-        return (f"{len(states)} devices on {len(self.workers)} links, {online} online; "
-                f"MQTT {'connected' if self.publisher.connected else 'not connected'}; {self._unsent} unsent")
-
-    def _arm_test_wedge(self) -> None:
-        raw = os.environ.get(WEDGE_ENV)
-        if not raw:
-            return
-        try:
-            after = float(raw)
-        except ValueError:
-            log.warning("device=_site %s=%r is not a number of seconds: ignored", WEDGE_ENV, raw)
-            return
-        log.warning("device=_site TEST HOOK %s armed: every Modbus read hangs after %g s", WEDGE_ENV, after)
-        asyncio.get_running_loop().call_later(after, self._wedge_polls)
-
-    def _wedge_polls(self) -> None:
-        async def hang(*args: Any, **kwargs: Any) -> list[int]:
-            await asyncio.Event().wait()
-            return []
-
-        for worker in self.workers.values():
-            setattr(worker.client, "read", hang)
-        log.warning("device=_site TEST HOOK %s: link workers wedged (every Modbus read now hangs)", WEDGE_ENV)
-
     # -- status socket -----------------------------------------------------------------------
 
     async def _status_request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -611,91 +502,13 @@ class Agent:
 
     # -- health and status -------------------------------------------------------------------
 
-    def _links_and_devices(self, values: bool, detail: bool) -> tuple[dict[str, Any], dict[str, Any], int]:
-        links: dict[str, Any] = {}
-        devices: dict[str, Any] = {}
-        overruns = 0
-        for lid, worker in list(self.workers.items()):
-            s = worker.client.stats
-            links[lid] = {"transactions": s.transactions, "errors": s.errors, "timeouts": s.timeouts,
-                          "mean_response_ms": round(s.mean_response_ms, 1), "reconnects": s.reconnects,
-                          "connected": worker.client.connected}
-            if detail:
-                links[lid].update({"type": worker.link.type.value, "endpoint": worker.link.endpoint,
-                                   "busy_s": round(worker.busy_s, 1)})
-            for did, st in list(worker.states.items()):
-                overruns += st.overruns
-                dev: dict[str, Any] = {"online": bool(st.online), "last_good_ts": st.last_good_ms,
-                                       "consecutive_failures": st.failures, "polls": st.polls,
-                                       "failed_polls": st.failed_polls, "overruns": st.overruns}
-                if detail:
-                    dev.update({"state": {True: "online", False: "offline", None: "unknown"}[st.online],
-                                "link": lid, "unit": st.device.unit, "profile": st.device.profile.id,
-                                "interval_s": st.device.interval_s})
-                if values:
-                    units = {p.key: p.unit for p in st.device.profile.points}
-                    dev["values"] = dict(st.last_values)
-                    dev["units"] = {k: units.get(k, "") for k in st.last_values}
-                devices[did] = dev
-        return links, devices, overruns
-
-    def _buffer_state(self, now_ms: int) -> dict[str, Any]:
-        stats = self.buffer.stats()
-        return {"unsent": stats.unsent, "rows": stats.total, "last_seq": stats.last_seq,
-                "oldest_unsent_age_s": (now_ms - stats.oldest_unsent_ts) // 1000 if stats.oldest_unsent_ts else 0,
-                "size_bytes": stats.size_bytes, "budget_bytes": stats.budget_bytes,
-                "dropped_unsent": stats.dropped_unsent, "memory_dropped": self.writer.memory_dropped,
-                "held_in_memory": int(getattr(self.writer, "held_in_memory", 0))}
-
-    def _disk_free(self) -> int | None:
-        try:
-            return shutil.disk_usage(self.buffer.path.parent).free
-        except OSError:
-            return None
-
     def health(self) -> dict[str, Any]:
         """The P/S/health message (called on the publisher thread)."""
-        now_ms = int(time.time() * 1000)
-        links, devices, overruns = self._links_and_devices(values=False, detail=False)
-        buffer = self._buffer_state(now_ms)
-        pub = self.publisher
-        return {
-            "v": 1, "site": self.cfg.site.id, "ts": now_ms, "version": __version__,
-            "uptime_s": self.uptime_s(),
-            "links": links, "devices": devices, "poll_overruns": overruns + self.missed_ticks,
-            "devices_online": sum(1 for d in devices.values() if d["online"]), "devices_total": len(devices),
-            "buffer": buffer,
-            "dropped": {"unsent": buffer["dropped_unsent"], "memory": buffer["memory_dropped"]},
-            "disk_free_bytes": self._disk_free(),
-            "mqtt": {"connected": pub.connected, "messages": pub.stats.messages,
-                     "acked_rows": pub.stats.acked_rows, "connects": pub.stats.connects,
-                     "resent_rows": int(getattr(pub.stats, "resent_rows", 0))},
-            "reloads": self.reloads,
-            "commands": {"handled": self.commands.handled, "refused": self.commands.refused},
-            **({"watchdog_stalled": sorted(self._watchdog.stalled)} if self._watchdog is not None else {}),
-        }
+        return health_message(self)
 
     def status_snapshot(self, values: bool = True) -> dict[str, Any]:
         """Everything `pvgate status` and the `status` command show (any thread)."""
-        now_ms = int(time.time() * 1000)
-        cfg = self.cfg
-        links, devices, overruns = self._links_and_devices(values=values, detail=True)
-        pub = self.publisher
-        return {
-            "v": 1, "site": cfg.site.id, "name": cfg.site.name, "ts": now_ms, "version": __version__,
-            "pid": os.getpid(), "uptime_s": self.uptime_s(), "config": cfg.file,
-            "state": "stopping" if self._stopping else ("reloading" if self._reloading else "running"),
-            "reloads": self.reloads, "last_reload": self.last_reload,
-            "mqtt": {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls is not None,
-                     "connected": pub.connected, "messages": pub.stats.messages,
-                     "acked_rows": pub.stats.acked_rows, "connects": pub.stats.connects},
-            "buffer": self._buffer_state(now_ms),
-            "disk_free_bytes": self._disk_free(),
-            "poll_overruns": overruns + self.missed_ticks,
-            "watchdog": {"enabled": self._watchdog is not None,
-                         "stalled": sorted(self._watchdog.stalled) if self._watchdog is not None else []},
-            "links": links, "devices": devices,
-        }
+        return status_snapshot(self, values)
 
 
 def _diff_devices(old: SiteConfig, new: SiteConfig) -> dict[str, list[str]]:
@@ -703,37 +516,6 @@ def _diff_devices(old: SiteConfig, new: SiteConfig) -> dict[str, list[str]]:
     after = {d.id: d for d in new.devices}
     return {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
             "changed": sorted(i for i in set(before) & set(after) if before[i] != after[i])}
-
-
-class _JournalLineFilter(logging.Filter):
-    """One line per event, each naming a device: journald gets no multi-line tracebacks, and a
-    record from a module that does not say which device it concerns is about the site."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        changed = False
-        if record.exc_info:
-            exc = "".join(traceback.format_exception(*record.exc_info)).strip()
-            msg = f"{msg} | {exc}"
-            record.exc_info = None
-            record.exc_text = None
-            changed = True
-        if "device=" not in msg:
-            msg = f"device=_site {msg}"
-            changed = True
-        if "\n" in msg:
-            msg = " | ".join(line for line in msg.splitlines() if line.strip())
-            changed = True
-        if changed:
-            record.msg = msg
-            record.args = None
-        return True
-
-
-def install_log_tagging() -> None:
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _JournalLineFilter) for f in handler.filters):
-            handler.addFilter(_JournalLineFilter())
 
 
 def run_agent(cfg_path: str) -> int:
@@ -746,4 +528,4 @@ def site_event(kind: str, **details: Value) -> Event:
     return Event("_site", int(time.time() * 1000), kind, dict(details))
 
 
-__all__ = ["Agent", "ConfigError", "aligned_start", "install_log_tagging", "run_agent"]
+__all__ = ["Agent", "ConfigError", "aligned_start", "run_agent"]

@@ -1,0 +1,102 @@
+"""Health (P/S/health) and status (`pvgate status`, the status command) snapshots of a running agent.
+
+Read-only views, called from the publisher thread, the status socket and commands; they copy
+the containers they walk because the event loop may change them meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__
+
+if TYPE_CHECKING:
+    from agent.runtime import Agent
+
+def links_and_devices(agent: Agent, values: bool, detail: bool) -> tuple[dict[str, Any], dict[str, Any], int]:
+    links: dict[str, Any] = {}
+    devices: dict[str, Any] = {}
+    overruns = 0
+    for lid, worker in list(agent.workers.items()):
+        s = worker.client.stats
+        links[lid] = {"transactions": s.transactions, "errors": s.errors, "timeouts": s.timeouts,
+                      "mean_response_ms": round(s.mean_response_ms, 1), "reconnects": s.reconnects,
+                      "connected": worker.client.connected}
+        if detail:
+            links[lid].update({"type": worker.link.type.value, "endpoint": worker.link.endpoint,
+                               "busy_s": round(worker.busy_s, 1)})
+        for did, st in list(worker.states.items()):
+            overruns += st.overruns
+            dev: dict[str, Any] = {"online": bool(st.online), "last_good_ts": st.last_good_ms,
+                                   "consecutive_failures": st.failures, "polls": st.polls,
+                                   "failed_polls": st.failed_polls, "overruns": st.overruns}
+            if detail:
+                dev.update({"state": {True: "online", False: "offline", None: "unknown"}[st.online],
+                            "link": lid, "unit": st.device.unit, "profile": st.device.profile.id,
+                            "interval_s": st.device.interval_s})
+            if values:
+                units = {p.key: p.unit for p in st.device.profile.points}
+                dev["values"] = dict(st.last_values)
+                dev["units"] = {k: units.get(k, "") for k in st.last_values}
+            devices[did] = dev
+    return links, devices, overruns
+
+def buffer_state(agent: Agent, now_ms: int) -> dict[str, Any]:
+    stats = agent.buffer.stats()
+    return {"unsent": stats.unsent, "rows": stats.total, "last_seq": stats.last_seq,
+            "oldest_unsent_age_s": (now_ms - stats.oldest_unsent_ts) // 1000 if stats.oldest_unsent_ts else 0,
+            "size_bytes": stats.size_bytes, "budget_bytes": stats.budget_bytes,
+            "dropped_unsent": stats.dropped_unsent, "memory_dropped": agent.writer.memory_dropped,
+            "held_in_memory": int(getattr(agent.writer, "held_in_memory", 0))}
+
+def disk_free(agent: Agent) -> int | None:
+    try:
+        return shutil.disk_usage(agent.buffer.path.parent).free
+    except OSError:
+        return None
+
+def health_message(agent: Agent) -> dict[str, Any]:
+    """The P/S/health message (called on the publisher thread)."""
+    now_ms = int(time.time() * 1000)
+    links, devices, overruns = links_and_devices(agent, values=False, detail=False)
+    buffer = buffer_state(agent, now_ms)
+    pub = agent.publisher
+    return {
+        "v": 1, "site": agent.cfg.site.id, "ts": now_ms, "version": __version__,
+        "uptime_s": agent.uptime_s(),
+        "links": links, "devices": devices, "poll_overruns": overruns + agent.missed_ticks,
+        "devices_online": sum(1 for d in devices.values() if d["online"]), "devices_total": len(devices),
+        "buffer": buffer,
+        "dropped": {"unsent": buffer["dropped_unsent"], "memory": buffer["memory_dropped"]},
+        "disk_free_bytes": disk_free(agent),
+        "mqtt": {"connected": pub.connected, "messages": pub.stats.messages,
+                 "acked_rows": pub.stats.acked_rows, "connects": pub.stats.connects,
+                 "resent_rows": int(getattr(pub.stats, "resent_rows", 0))},
+        "reloads": agent.reloads,
+        "commands": {"handled": agent.commands.handled, "refused": agent.commands.refused},
+        **({"watchdog_stalled": agent.supervision.stalled} if agent.supervision.watchdog is not None else {}),
+    }
+
+def status_snapshot(agent: Agent, values: bool = True) -> dict[str, Any]:
+    """Everything `pvgate status` and the `status` command show (any thread)."""
+    now_ms = int(time.time() * 1000)
+    cfg = agent.cfg
+    links, devices, overruns = links_and_devices(agent, values=values, detail=True)
+    pub = agent.publisher
+    return {
+        "v": 1, "site": cfg.site.id, "name": cfg.site.name, "ts": now_ms, "version": __version__,
+        "pid": os.getpid(), "uptime_s": agent.uptime_s(), "config": cfg.file,
+        "state": "stopping" if agent._stopping else ("reloading" if agent._reloading else "running"),
+        "reloads": agent.reloads, "last_reload": agent.last_reload,
+        "mqtt": {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls is not None,
+                 "connected": pub.connected, "messages": pub.stats.messages,
+                 "acked_rows": pub.stats.acked_rows, "connects": pub.stats.connects},
+        "buffer": buffer_state(agent, now_ms),
+        "disk_free_bytes": disk_free(agent),
+        "poll_overruns": overruns + agent.missed_ticks,
+        "watchdog": {"enabled": agent.supervision.watchdog is not None, "stalled": agent.supervision.stalled},
+        "links": links, "devices": devices,
+    }
