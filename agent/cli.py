@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -82,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     from agent import status  # `pvgate status` lives beside the agent's status socket
 
     status.add_command(sub)
+    from agent import scan  # `pvgate scan` and `pvgate read`, for commissioning
+
+    scan.add_commands(sub)
     return p
 
 

@@ -12,10 +12,9 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from drivers.devicemap import ID_RE, ProfileLibrary
-from drivers.errors import ConfigError, Problem
+from drivers.errors import ConfigError
 from drivers.model import Device, Link, LinkType, SerialSettings
 from drivers.yamlsrc import Checker, LDict, load_file
 

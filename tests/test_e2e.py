@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from support.chain import SimDev, buffer_seqs, mismatches, readings, seqs_of, sim_device, start_agent, start_sim, write_site

@@ -7,7 +7,6 @@ once the poll loop is wedged (test hook PVGATE_TEST_WEDGE_POLL_AFTER), STOPPING=
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket

@@ -40,7 +40,7 @@ def test_status_prints_links_devices_values_and_buffer(
     out = _status("-c", str(site))
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert f"site st" in text and "running" in text
+    assert "site st" in text and "running" in text
     assert "LINK" in text and "TRANSACTIONS" in text and "lan" in text and f"127.0.0.1:{port}" in text
     lines = {line.split()[0]: line for line in text.splitlines() if line.split()}
     assert "online" in lines["inv01"] and "huawei-sun2000" in lines["inv01"]
