@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
     demo.add_argument("--speed", type=float, default=60.0, help="simulator clock speed (default 60x)")
     demo.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
+    demo.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
+                      help="mosquitto if installed (auto), or the embedded amqtt broker (pip install 'pvgate[demo]')")
     demo.set_defaults(func=cmd_demo)
 
     from agent import commissioning  # the commissioning commands live in their own module
@@ -176,7 +178,7 @@ def cmd_buffer_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
-    return run_demo(seconds=args.seconds, speed=args.speed, workdir=args.dir)
+    return run_demo(seconds=args.seconds, speed=args.speed, workdir=args.dir, broker=args.broker)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,12 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise PvgateError(f"{what} did not open port {port} within {timeout:g}s")
 
 
-def _start_broker(work: Path, port: int) -> subprocess.Popen[bytes]:
+def _start_broker(work: Path, port: int, kind: str = "auto") -> subprocess.Popen[bytes]:
     mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if kind == "embedded":
+        mosquitto = None
+    elif kind == "mosquitto" and mosquitto is None:
+        raise PvgateError("mosquitto is not installed (apt-get install mosquitto)")
     log = open(work / "broker.log", "wb")
     if mosquitto:
         conf = work / "mosquitto.conf"
@@ -163,7 +167,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
-def run_demo(seconds: float = 0.0, speed: float = 60.0, workdir: str | None = None) -> int:
+def run_demo(seconds: float = 0.0, speed: float = 60.0, workdir: str | None = None, broker: str = "auto") -> int:
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pvgate-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     broker_port, modbus_port = _free_port(), _free_port()
@@ -172,7 +176,7 @@ def run_demo(seconds: float = 0.0, speed: float = 60.0, workdir: str | None = No
     agent: subprocess.Popen[bytes] | None = None
     print(f"pvgate demo — working directory {work}\n")
     try:
-        procs.append(_start_broker(work, broker_port))
+        procs.append(_start_broker(work, broker_port, broker))
         sim_cmd = [sys.executable, "-m", "simulator.cli", "--listen", f"tcp://127.0.0.1:{modbus_port}",
                    "--speed", f"{speed:g}", "--start", "09:30"]
         for _, unit, profile, kw in DEVICES:
