@@ -1,4 +1,7 @@
-"""Commissioning commands for the technician on site: plan (and read/scan, added by later work)."""
+"""Commissioning commands for the technician on site: plan (and read/scan, added by later work).
+
+Each command registers itself in `add_commands`; `agent.cli` calls it with its subparsers.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,25 @@ from typing import Any
 
 
 def add_commands(sub: Any) -> None:
-    plan = sub.add_parser("plan", help="each device's planned reads and the bus time budget per link")
-    plan.add_argument("-c", "--config", required=True)
+    add_plan(sub)
+
+
+def add_plan(sub: Any) -> None:
+    plan = sub.add_parser(
+        "plan", help="each device's planned reads and the bus time budget per link",
+        description="Print every device's planned reads (table, address, count, points) and, per RS-485 "
+                    "link, the minimum time one full poll cycle takes on the wire, the bus load the "
+                    "configured intervals ask for, and a warning when they cannot be met.")
+    plan.add_argument("-c", "--config", required=True, help="site file (YAML)")
+    plan.add_argument("--turnaround-ms", type=float, default=None, metavar="MS",
+                      help="time a device takes to start answering (default 20 ms, a typical inverter)")
     plan.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from agent.budget import format_plan
+    from agent.budget import TURNAROUND_S, format_plan
     from agent.config import load_site
 
-    print(format_plan(load_site(args.config)))
+    turnaround = TURNAROUND_S if args.turnaround_ms is None else max(0.0, args.turnaround_ms) / 1000.0
+    print(format_plan(load_site(args.config), turnaround))
     return 0

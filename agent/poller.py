@@ -1,17 +1,36 @@
 """Link workers: one asyncio task per physical link polls its devices one transaction at a time.
 
-A device that stops answering is reported offline after `offline_after` failed polls and from
-then on only probed, with a backoff that doubles up to `backoff_max`, so that its timeouts
-cannot eat the poll interval of the live devices on the same bus.
+Dead devices must not starve live ones (ARCHITECTURE.md, non-negotiable 2). On a 9600-baud bus
+one timeout costs as much as two or three complete polls, so the worker orders its work:
+
+1. due polls of healthy devices, in the order they were asked for;
+2. retries, and polls of devices whose last poll failed (a failed attempt is not retried on the
+   spot: the retry goes behind the healthy devices of the same cycle);
+3. probes of offline devices.
+
+Nothing waits longer than its device's interval before it is served, whatever its class, so an
+overloaded bus delays everyone a little instead of starving someone for good.
+
+A device is reported offline after `offline_after` failed polls and from then on only probed,
+one attempt without retries, with a backoff that doubles from its interval up to `backoff_max`.
+When it answers again it is reported online and polled normally. A link that is down (port
+gone, DTU unreachable) costs no bus time, so it does not push the devices' probes back: they are
+tried again at their next interval, and answer as soon as the link is back.
+
+Modbus exception 6 (busy) is retried later, up to three times, without holding the bus; exception
+2 (illegal address) on a merged block splits the block for good, and a single point that is
+refused is no longer read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from agent.logutil import RateLimitedLog
 from drivers.decode import active_bits, decode_blocks, decode_points
@@ -22,7 +41,13 @@ from drivers.plan import block_values, plan_reads
 
 log = logging.getLogger(__name__)
 Sink = Callable[[Reading | Event], None]
-IdentitySink = Callable[[str, dict[str, Value]], None]
+IdentitySink = Callable[[str, dict[str, Any]], None]  # device id, nameplate values
+
+CLASS_DUE = 0  # a healthy device's poll
+CLASS_RETRY = 1  # a retry, or a device whose last poll failed
+CLASS_PROBE = 2  # an offline device's probe
+BUSY_RETRIES = 3  # exception 6 answers tolerated per poll
+BUSY_DELAY_S = 0.2  # first wait after "busy"; grows linearly
 
 
 @dataclass
@@ -39,6 +64,8 @@ class DeviceState:
     polls: int = 0
     failed_polls: int = 0
     overruns: int = 0
+    busy_answers: int = 0
+    bus_s: float = 0.0  # bus time this device's polls took, answered or not
     last_good_ms: int | None = None
     last_values: dict[str, Value] = field(default_factory=dict)
     alarm_bits: dict[str, int] = field(default_factory=dict)
@@ -50,8 +77,25 @@ class DeviceState:
         self.blocks = plan_reads(points, dmap.max_block, dmap.max_gap, dmap.holes, self.splits)
 
 
+@dataclass
+class Job:
+    """One requested poll of one device, possibly spread over several turns on the bus."""
+
+    state: DeviceState
+    seq: int
+    requested: float  # monotonic time of the request (the interval tick)
+    probe: bool
+    attempts_left: int  # for "no answer": 1 + retries for a healthy device, else 1
+    ts_ms: int = 0  # when the poll started (first transaction), UTC epoch ms
+    registers: dict[Block, list[int]] = field(default_factory=dict)
+    not_before: float = 0.0
+    busy: int = 0
+    retried: bool = False
+    reading: Reading | None = None
+
+
 class LinkWorker:
-    """Polls the devices of one link, strictly one after the other."""
+    """Polls the devices of one link, one transaction at a time, live devices first."""
 
     def __init__(self, link: Link, devices: list[Device], sink: Sink,
                  identity_sink: IdentitySink | None = None, client: LinkClient | None = None) -> None:
@@ -62,15 +106,21 @@ class LinkWorker:
         self.states = {d.id: DeviceState(d) for d in devices}
         for state in self.states.values():
             state.replan()
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._jobs: list[Job] = []
+        self._wake = asyncio.Event()
+        self._seq = itertools.count()
         self._rl = RateLimitedLog(log)
         self.last_progress = time.monotonic()
         self.busy_s = 0.0
+        self.probe_s = 0.0  # bus time spent on offline devices
+
+    # -- scheduling --------------------------------------------------------------------------
 
     def request(self, device_id: str) -> bool:
         """Ask for a poll (called at each interval tick). False when skipped."""
         state = self.states[device_id]
-        if state.online is False and time.monotonic() < state.next_probe:
+        now = time.monotonic()
+        if state.online is False and now < state.next_probe:
             return False  # offline and backing off: not an overrun
         if state.queued:
             state.overruns += 1
@@ -78,67 +128,134 @@ class LinkWorker:
                              device_id, self.link.id)
             return False
         state.queued = True
-        self._queue.put_nowait(device_id)
+        probe = state.online is False
+        attempts = 1 if probe or state.failures > 0 else 1 + self._retries(state.device)
+        self._jobs.append(Job(state, next(self._seq), now, probe, attempts))
+        self._wake.set()
         return True
+
+    def pending(self) -> int:
+        return len(self._jobs)
+
+    @staticmethod
+    def job_class(job: Job, now: float) -> int:
+        if now - job.requested >= job.state.device.interval_s:
+            return CLASS_DUE  # nobody waits longer than one interval, whatever its class
+        if job.probe:
+            return CLASS_PROBE
+        if job.retried or job.state.failures > 0:
+            return CLASS_RETRY
+        return CLASS_DUE
+
+    async def _next_job(self) -> Job:
+        while True:
+            now = time.monotonic()
+            ready = [j for j in self._jobs if j.not_before <= now]
+            if ready:
+                job = min(ready, key=lambda j: (self.job_class(j, now), j.seq))
+                self._jobs.remove(job)
+                return job
+            self._wake.clear()
+            later = min((j.not_before for j in self._jobs), default=None)
+            try:
+                await asyncio.wait_for(self._wake.wait(), None if later is None else max(0.0, later - now))
+            except TimeoutError:
+                pass
 
     async def run(self) -> None:
         try:
             while True:
-                device_id = await self._queue.get()
-                state = self.states[device_id]
+                job = await self._next_job()
                 started = time.monotonic()
                 try:
-                    await self.poll(state)
+                    done = await self._attempt(job, inline=False)
                 except Exception:  # a bug must not kill the link's worker: log it and go on
-                    log.exception("device=%s poll failed unexpectedly", device_id)
-                finally:
-                    state.queued = False
-                    self.busy_s += time.monotonic() - started
-                    self.last_progress = time.monotonic()
+                    log.exception("device=%s poll failed unexpectedly", job.state.device.id)
+                    done = True
+                spent = time.monotonic() - started
+                self.busy_s += spent
+                job.state.bus_s += spent
+                if job.probe:
+                    self.probe_s += spent
+                self.last_progress = time.monotonic()
+                if done:
+                    job.state.queued = False
+                else:
+                    self._jobs.append(job)
         finally:
             self.client.close()
 
     async def poll(self, state: DeviceState) -> Reading | None:
+        """Poll one device now, retries included (commissioning, tests); not for use beside run()."""
+        job = Job(state, next(self._seq), time.monotonic(), state.online is False,
+                  1 + self._retries(state.device))
+        await self._attempt(job, inline=True)
+        return job.reading
+
+    # -- one device --------------------------------------------------------------------------
+
+    def _retries(self, device: Device) -> int:
+        return device.retries if device.retries is not None else self.link.retries
+
+    def _timeout(self, device: Device) -> float:
+        return device.timeout if device.timeout is not None else self.link.timeout
+
+    async def _attempt(self, job: Job, *, inline: bool) -> bool:
+        """Read the job's remaining blocks. True when the poll is finished (good or failed),
+        False when it must wait for its turn again (a retry, or a device that said busy)."""
+        state = job.state
         device = state.device
-        ts_ms = int(time.time() * 1000)
-        state.polls += 1
-        timeout = device.timeout if device.timeout is not None else self.link.timeout
-        retries = 0 if state.online is False else (device.retries if device.retries is not None else self.link.retries)
-        registers: dict[int, list[int]] = {}
-        failure: str | None = None
-        for i, block in enumerate(list(state.blocks)):
+        if not job.ts_ms:
+            state.polls += 1
+        elif not inline:
+            # Resumed after waiting its turn: read everything again, so that the reading's
+            # values belong to its timestamp (a retry is rare; stale values are not).
+            job.registers.clear()
+        job.ts_ms = int(time.time() * 1000)
+        timeout = self._timeout(device)
+        while pending := [b for b in state.blocks if b not in job.registers]:
+            block = pending[0]
             try:
-                registers[i] = await self._read_block(device, block, timeout, retries)
+                job.registers[block] = await self.client.read(block.table, block.start, block.count,
+                                                              device.unit, timeout)
             except DeviceError as err:
-                if err.exception_code == EXC_ILLEGAL_ADDRESS:
+                code = err.exception_code
+                if code == EXC_ILLEGAL_ADDRESS:
                     self._learn_split(state, block)
                     continue
-                failure = str(err)
-                break  # a device that does not answer one block will not answer the next
+                if code == EXC_BUSY:
+                    job.busy += 1
+                    state.busy_answers += 1
+                    if job.busy > BUSY_RETRIES:
+                        self._failed(job, f"{err} (busy, {BUSY_RETRIES} retries)")
+                        return True
+                    delay = BUSY_DELAY_S * job.busy
+                    if inline:
+                        await asyncio.sleep(delay)
+                        continue
+                    job.not_before = time.monotonic() + delay  # the bus serves others meanwhile
+                    return False
+                if code is None:  # no answer, or a garbled one
+                    job.attempts_left -= 1
+                    if job.attempts_left > 0:
+                        job.retried = True
+                        if inline:
+                            continue
+                        return False
+                self._failed(job, str(err))
+                return True
             except LinkError as err:
-                failure = str(err)
-                break
-        if failure is not None or not registers:
-            self._failed(state, failure or "every block refused")
-            return None
+                self._failed(job, str(err), link=True)
+                return True
+        if not state.blocks:
+            self._failed(job, "every point refused with illegal address")
+            return True
+        registers = {i: job.registers[b] for i, b in enumerate(state.blocks)}
         values, quality = decode_blocks(state.blocks, registers)
         quality += [f"unsupported:{k}" for k in sorted(state.unsupported)]
-        reading = Reading(device.id, ts_ms, values, quality)
-        await self._succeeded(state, reading)
-        return reading
-
-    async def _read_block(self, device: Device, block: Block, timeout: float, retries: int) -> list[int]:
-        attempt = 0
-        while True:
-            try:
-                return await self.client.read(block.table, block.start, block.count, device.unit, timeout)
-            except DeviceError as err:
-                busy = err.exception_code == EXC_BUSY
-                if attempt >= retries + (2 if busy else 0) or err.exception_code not in (None, EXC_BUSY):
-                    raise
-                attempt += 1
-                if busy:  # Huawei answers "busy" while it talks to its cloud: come back shortly
-                    await asyncio.sleep(0.2 * attempt)
+        job.reading = Reading(device.id, job.ts_ms, values, quality)
+        await self._succeeded(state, job.reading)
+        return True
 
     def _learn_split(self, state: DeviceState, block: Block) -> None:
         """Exception 2 on a merged block: split it for good; a single point is unsupported."""
@@ -171,24 +288,27 @@ class LinkWorker:
         if not state.identity_read:
             await self._read_identity(state)
 
-    def _failed(self, state: DeviceState, reason: str) -> None:
+    def _failed(self, job: Job, reason: str, *, link: bool = False) -> None:
+        state = job.state
         device = state.device
         state.failures += 1
         state.failed_polls += 1
         self._rl.warning(f"fail:{device.id}", "device=%s poll failed (%d in a row): %s",
                          device.id, state.failures, reason)
-        now = time.monotonic()
         if state.online is not False and state.failures >= device.offline_after:
             state.online = False
             state.backoff_s = device.interval_s
             self.sink(Event(device.id, int(time.time() * 1000), "offline",
                             {"reason": f"no answer after {state.failures} polls: {reason}",
                              "unit": device.unit, "link": self.link.id}))
-            log.warning("device=%s offline after %d failed polls", device.id, state.failures)
-        elif state.online is False:
+            log.warning("device=%s offline after %d failed polls; probing it with backoff up to %gs",
+                        device.id, state.failures, device.backoff_max_s)
+        elif state.online is False and not link:
             state.backoff_s = min(max(state.backoff_s * 2, device.interval_s), device.backoff_max_s)
         if state.online is False:
-            state.next_probe = now + state.backoff_s
+            # Counted from the tick that asked for this poll, so the probe lands on a tick.
+            backoff = 0.0 if link else state.backoff_s
+            state.next_probe = job.requested + 0.95 * backoff
 
     def _alarm_events(self, state: DeviceState, reading: Reading) -> None:
         for point in state.device.profile.points:
@@ -219,7 +339,7 @@ class LinkWorker:
         for block in plan_reads(points, state.device.profile.max_block, 0):
             try:
                 regs = await self.client.read(block.table, block.start, block.count, state.device.unit,
-                                              state.device.timeout or self.link.timeout)
+                                              self._timeout(state.device))
             except (DeviceError, LinkError) as err:
                 log.info("device=%s identity registers not readable: %s", state.device.id, err)
                 continue

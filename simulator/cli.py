@@ -6,7 +6,15 @@
 On start it prints one JSON line ({"event": "ready", ...}) with its listeners and its clock, so
 that a test (or a curious technician) knows what was served when. Faults can be set at start
 (--fault UNIT:KIND[:ARG]) or at run time through the control port, one JSON object per line:
-{"unit": 3, "fault": "silent"}; {"unit": 3, "fault": "none"}; {"cmd": "state"}.
+{"unit": 3, "fault": "silent"}; {"unit": 3, "fault": "slow:0.8:0.5"}; {"unit": 3, "fault": "none"};
+{"unit": 1, "set": {"ac_power": 12.345}} (a constant value), {"unit": 1, "unset": ["ac_power"]};
+{"unit": 3, "turnaround_ms": 40}; {"cmd": "state"} (requests and answers per unit);
+{"cmd": "drop"} (close every TCP connection, like a DTU that reboots).
+
+Serial listeners emulate the wire: `rtu:///dev/pts/N?baudrate=9600&parity=N&turnaround_ms=20` holds
+each answer back until request and response could have crossed a real 9600-baud line, plus the
+unit's turnaround (a pty has no baud rate of its own). `rtu-over-tcp://HOST:PORT?baudrate=9600`
+does the same for the serial side of a simulated DTU.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError
@@ -40,6 +48,7 @@ class DeviceSpec:
     profile: str
     rated_kw: float = 50.0
     fault: str = "none"
+    turnaround_ms: float | None = None  # None: the listener's
 
 
 @dataclass
@@ -64,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", help="tcp://HOST:PORT, rtu-over-tcp://HOST:PORT or rtu:///dev/ttyX?baudrate=9600&parity=N")
     p.add_argument("--device", action="append", default=[], metavar="UNIT:PROFILE[:KW]", help="a unit to serve (repeat)")
     p.add_argument("--fault", action="append", default=[], metavar="UNIT:KIND[:ARG]",
-                   help="silent, slow:SECONDS, corrupt, exception:CODE, intermittent:P, busy:P")
+                   help="silent, slow:SECONDS[:P], corrupt[:P], exception:CODE[:P], intermittent:P, busy:P")
+    p.add_argument("--turnaround", action="append", default=[], metavar="UNIT:MS",
+                   help="a unit's own turnaround (time to start answering), overriding the listener's turnaround_ms")
     p.add_argument("--speed", type=float, default=None, help="simulated clock runs N times faster")
     p.add_argument("--start", default=None, help="simulated start, local time: 12:00 or 2026-06-21T12:00")
     p.add_argument("--timezone", default=None, help="site time zone for the sun curve (default Asia/Shanghai)")
@@ -101,9 +112,24 @@ def _spec(args: argparse.Namespace) -> SimSpec:
             raise ValueError(f"--fault {text}: no unit {unit}")
         for d in found:
             d.fault = fault
+    for text in args.turnaround:
+        unit, _, ms = text.partition(":")
+        found = [d for lst in spec.listeners for d in lst.devices if str(d.unit) == unit]
+        if not found:
+            raise ValueError(f"--turnaround {text}: no unit {unit}")
+        try:
+            value = float(ms)
+        except ValueError:
+            raise ValueError(f"--turnaround {text}: expected UNIT:MILLISECONDS, e.g. 3:40") from None
+        for d in found:
+            d.turnaround_ms = value
     spec.speed = args.speed if args.speed is not None else spec.speed
     spec.start = args.start or spec.start
     spec.timezone = args.timezone or spec.timezone
+    try:
+        ZoneInfo(spec.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {spec.timezone!r}; expected an IANA name such as Asia/Shanghai") from None
     spec.control = args.control or spec.control
     spec.profiles += args.profiles
     return spec
@@ -131,12 +157,13 @@ def _load_spec(path: Path) -> SimSpec:
         lst = ListenerSpec(chk.get(node, "listen", f"listeners[{i}]", str, "", required=True))
         for j, dev, dline in chk.sequence(node.get("devices"), f"listeners[{i}].devices", chk.line_of(node, "devices")):
             path_ = f"listeners[{i}].devices[{j}]"
-            d = chk.mapping(dev, path_, dline, ("unit", "profile", "rated_kw", "fault"))
+            d = chk.mapping(dev, path_, dline, ("unit", "profile", "rated_kw", "fault", "turnaround_ms"))
             if d is not None:
                 lst.devices.append(DeviceSpec(chk.get(d, "unit", path_, int, 1, required=True),
                                               chk.get(d, "profile", path_, str, "", required=True),
                                               chk.get(d, "rated_kw", path_, float, 50.0),
-                                              chk.get(d, "fault", path_, str, "none")))
+                                              chk.get(d, "fault", path_, str, "none"),
+                                              chk.get(d, "turnaround_ms", path_, float, None)))
         listeners.append(lst)
     chk.raise_if_any()
     return SimSpec(listeners, chk.get(root, "timezone", "", str, "Asia/Shanghai"),
@@ -174,7 +201,8 @@ def build_buses(spec: SimSpec, clock: SimClock) -> list[Bus]:
                 raise ValueError(f"unit {d.unit} twice on {lst.listen}")
             meter = "meter" in profile.name.lower() or profile.id in ("chint-dtsu666", "eastron-sdm630")
             plant = PvPlant(rated_kw=d.rated_kw, seed=d.unit, meter=meter, sun=sun)
-            devices[d.unit] = SimDevice(d.unit, profile, plant, clock, Fault.parse(d.fault))
+            devices[d.unit] = SimDevice(d.unit, profile, plant, clock, Fault.parse(d.fault),
+                                        turnaround_s=None if d.turnaround_ms is None else d.turnaround_ms / 1000.0)
         buses.append(Bus(Listen.parse(lst.listen), devices))
     return buses
 
@@ -226,9 +254,13 @@ async def _start_control(url: str, buses: list[Bus]) -> asyncio.Server:
 
 
 def _control(msg: dict[str, Any], buses: list[Bus]) -> dict[str, Any]:
+    if msg.get("cmd") == "drop":  # close the TCP connections of every listener (or one: "listener": i)
+        dropped = sum(b.drop_clients() for i, b in enumerate(buses) if msg.get("listener", i) == i)
+        return {"ok": True, "dropped": dropped}
     if msg.get("cmd") == "state":
         return {"ok": True, "t": time.time(), "buses": [
-            {"requests": b.requests, "units": {u: {"served": d.served, "fault": d.fault.kind} for u, d in b.devices.items()}}
+            {"requests": b.requests, "units": {u: {"served": d.served, "requests": d.requests, "fault": d.fault.kind}
+                                               for u, d in b.devices.items()}}
             for b in buses]}
     unit = int(msg["unit"])
     targets = [b.devices[unit] for i, b in enumerate(buses)
@@ -238,8 +270,12 @@ def _control(msg: dict[str, Any], buses: list[Bus]) -> dict[str, Any]:
     for device in targets:
         if "fault" in msg:
             device.fault = Fault.parse(str(msg["fault"]))
+        if "turnaround_ms" in msg:
+            device.turnaround_s = None if msg["turnaround_ms"] is None else float(msg["turnaround_ms"]) / 1000.0
         for key, value in (msg.get("set") or {}).items():
             device.overrides[key] = value
+        for key in msg.get("unset") or []:
+            device.overrides.pop(str(key), None)
     return {"ok": True, "unit": unit, "fault": targets[0].fault.kind}
 
 

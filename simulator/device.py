@@ -18,18 +18,48 @@ EXC_BUSY = 6
 
 @dataclass
 class Fault:
-    """How a unit misbehaves: kind plus its argument (seconds, exception code or probability)."""
+    """How a unit misbehaves: kind, its argument, and how often it strikes.
+
+    silent                    never answers
+    slow:SECONDS[:P]          answers SECONDS late (with probability P, default always)
+    corrupt[:P]               answers with a broken CRC (with probability P, default always)
+    exception:CODE[:P]        answers with Modbus exception CODE (default 4)
+    intermittent[:P]          does not answer with probability P (default 0.5)
+    busy[:P]                  answers exception 6 (busy) with probability P (default 0.5)
+    """
 
     kind: str = "none"
     arg: float = 0.0
+    p: float = 1.0  # probability that the fault strikes on a given request
 
     @classmethod
     def parse(cls, text: str) -> Fault:
-        kind, _, arg = text.partition(":")
+        kind, *args = text.split(":")
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULT_KINDS)}")
-        default = {"slow": 1.0, "exception": 4.0, "intermittent": 0.5, "busy": 0.5}.get(kind, 0.0)
-        return cls(kind, float(arg) if arg else default)
+        try:
+            nums = [float(a) for a in args if a != ""]
+        except ValueError:
+            raise ValueError(f"fault {text!r}: arguments must be numbers, e.g. slow:0.8 or busy:0.3") from None
+        if kind in ("slow", "exception"):
+            if len(nums) > 2:
+                raise ValueError(f"fault {text!r}: expected {kind}:ARG[:P]")
+            arg = nums[0] if nums else (1.0 if kind == "slow" else 4.0)
+            p = nums[1] if len(nums) > 1 else 1.0
+        else:
+            if len(nums) > 1:
+                raise ValueError(f"fault {text!r}: expected {kind}[:P]")
+            p = nums[0] if nums else {"intermittent": 0.5, "busy": 0.5}.get(kind, 1.0)
+            arg = p
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"fault {text!r}: probability must be 0..1")
+        return cls(kind, arg, p)
+
+    def strikes(self, rng: random.Random) -> bool:
+        """Whether the fault applies to this request (draws a number only when it may not)."""
+        if self.kind == "none":
+            return False
+        return self.p >= 1.0 or rng.random() < self.p
 
 
 @dataclass
@@ -39,7 +69,9 @@ class SimDevice:
     plant: PvPlant
     clock: SimClock
     fault: Fault = field(default_factory=Fault)
-    served: int = 0
+    served: int = 0  # requests answered with data
+    requests: int = 0  # requests addressed to this unit, answered or not
+    turnaround_s: float | None = None  # None: the listener's
     overrides: dict[str, Value] = field(default_factory=dict)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
 

@@ -14,14 +14,19 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from pymodbus.framer import FramerRTU, FramerSocket
 from pymodbus.framer.base import FramerBase
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import ReadCoilsResponse, ReadDiscreteInputsResponse
-from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+)
 
+from drivers.link import char_seconds
 from drivers.model import Table
 from simulator.device import EXC_BUSY, EXC_ILLEGAL_FUNCTION, SimDevice
 
@@ -49,54 +54,93 @@ class Listen:
 
     @classmethod
     def parse(cls, url: str) -> Listen:
+        """tcp://HOST:PORT, rtu-over-tcp://HOST:PORT[?baudrate=9600...] or rtu:///dev/ttyX?baudrate=9600&parity=N.
+
+        Query: baudrate (rtu: default 9600; over TCP: 0 = no wire timing, else the DTU's serial
+        side), parity N|E|O, stopbits 1|2, turnaround_ms (how long a unit thinks, default 5).
+        """
         u = urlparse(url)
         q = {k: v[-1] for k, v in parse_qs(u.query).items()}
-        turnaround = float(q.get("turnaround_ms", "5")) / 1000.0
-        baud = int(q.get("baudrate", "0"))
+        unknown = set(q) - {"baudrate", "parity", "stopbits", "turnaround_ms"}
+        if unknown:
+            raise ValueError(f"{url}: unknown option {', '.join(sorted(unknown))}; "
+                             "known: baudrate, parity, stopbits, turnaround_ms")
+        try:
+            turnaround = float(q.get("turnaround_ms", "5")) / 1000.0
+            baud = int(q.get("baudrate", "9600" if u.scheme == "rtu" else "0"))
+            stopbits = int(q.get("stopbits", "1"))
+        except ValueError:
+            raise ValueError(f"{url}: baudrate, stopbits and turnaround_ms must be numbers") from None
+        parity = q.get("parity", "N").upper()
+        if parity not in ("N", "E", "O") or stopbits not in (1, 2) or baud < 0 or turnaround < 0:
+            raise ValueError(f"{url}: expected parity N, E or O, stopbits 1 or 2, baudrate and turnaround_ms >= 0")
         if u.scheme in ("tcp", "rtu-over-tcp"):
             if not u.hostname or not u.port:
                 raise ValueError(f"{url}: expected {u.scheme}://HOST:PORT")
-            return cls(u.scheme, u.hostname, u.port, baudrate=baud, turnaround_s=turnaround)
+            return cls(u.scheme, u.hostname, u.port, baudrate=baud, parity=parity, stopbits=stopbits,
+                       turnaround_s=turnaround)
         if u.scheme == "rtu":
             if not u.path:
                 raise ValueError(f"{url}: expected rtu:///dev/ttyX?baudrate=9600&parity=N")
-            return cls("rtu", device=u.path, baudrate=int(q.get("baudrate", "9600")),
-                       parity=q.get("parity", "N"), stopbits=int(q.get("stopbits", "1")), turnaround_s=turnaround)
+            return cls("rtu", device=u.path, baudrate=baud or 9600, parity=parity, stopbits=stopbits,
+                       turnaround_s=turnaround)
         raise ValueError(f"{url}: scheme must be tcp, rtu-over-tcp or rtu")
 
     def char_s(self) -> float:
-        """Seconds per character on the wire: 11 bits with parity or 2 stop bits, else 10."""
-        bits = 11 if (self.parity != "N" or self.stopbits == 2) else 10
-        return bits / self.baudrate if self.baudrate else 0.0
+        """Seconds per character on the wire (8 data bits): 11 with parity or 2 stop bits, else 10."""
+        return char_seconds(self.baudrate, self.parity, self.stopbits) if self.baudrate else 0.0
 
 
 class Bus:
-    """The units behind one listener, answering one request at a time like a real bus."""
+    """The units behind one listener, answering one request at a time like a real bus.
+
+    With a baud rate the wire is emulated: a request occupies the bus for its own length plus
+    3.5 characters of silence, the unit thinks for its turnaround, its response occupies the
+    bus for its length, and the bus is free again 3.5 characters later. A response is not sent
+    before that time, and a request that arrives while the bus is still busy waits for it.
+    """
 
     def __init__(self, listen: Listen, devices: dict[int, SimDevice]) -> None:
         self.listen = listen
         self.devices = devices
         self.lock = asyncio.Lock()
         self.requests = 0
+        self.free_at = 0.0  # monotonic time at which the emulated wire is idle again
+        self.clients: set[asyncio.StreamWriter] = set()  # TCP connections (a DTU's, a gateway's)
+
+    def drop_clients(self) -> int:
+        """Close every TCP connection, like a DTU that reboots or a 4G link that drops."""
+        n = len(self.clients)
+        for writer in list(self.clients):
+            writer.close()
+        self.clients.clear()
+        return n
 
     async def handle(self, pdu: ModbusPDU, received_at: float, request_len: int, framer: FramerBase) -> bytes | None:
         """The bytes to send back for one decoded request, or None for silence."""
         async with self.lock:
             self.requests += 1
+            char_s = self.listen.char_s()
+            start = max(received_at, self.free_at)
+            request_done = start + (request_len + 3.5) * char_s
+            self.free_at = request_done
             device = self.devices.get(pdu.dev_id)
             if device is None:
                 # On a bus nobody answers for an absent unit; over TCP a gateway would say 0x0B.
                 return None
+            device.requests += 1
             fault = device.fault
-            if fault.kind == "silent" or (fault.kind == "intermittent" and device.rng.random() < fault.arg):
+            if fault.kind in ("silent", "intermittent") and fault.strikes(device.rng):
                 return None
             response = self._respond(pdu, device)
             frame = framer.buildFrame(response)
-            if fault.kind == "corrupt":
+            if fault.kind == "corrupt" and fault.strikes(device.rng):
                 frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])
-            delay = self.listen.turnaround_s + (fault.arg if fault.kind == "slow" else 0.0)
-            wire = (request_len + 3.5 + len(frame)) * self.listen.char_s()
-            ready_at = received_at + wire + delay
+            turnaround = device.turnaround_s if device.turnaround_s is not None else self.listen.turnaround_s
+            if fault.kind == "slow" and fault.strikes(device.rng):
+                turnaround += fault.arg
+            ready_at = request_done + turnaround + len(frame) * char_s
+            self.free_at = ready_at + 3.5 * char_s
             wait = ready_at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -105,9 +149,9 @@ class Bus:
     def _respond(self, pdu: ModbusPDU, device: SimDevice) -> ModbusPDU:
         fc = pdu.function_code
         fault = device.fault
-        if fault.kind == "exception":
+        if fault.kind == "exception" and fault.strikes(device.rng):
             return self._exception(pdu, int(fault.arg))
-        if fault.kind == "busy" and device.rng.random() < fault.arg:
+        if fault.kind == "busy" and fault.strikes(device.rng):
             return self._exception(pdu, EXC_BUSY)
         table = _TABLE_BY_FC.get(fc)
         if table is None:
@@ -139,16 +183,23 @@ class _StreamSession:
         self.send = send
         self.framer = _framer(bus.listen.kind)
         self.buf = b""
+        self.last_rx = 0.0
+        # RTU frames are delimited by silence: a partial frame older than this is line noise.
+        self.stale_s = max(3.5 * bus.listen.char_s(), 0.05) if bus.listen.kind != "tcp" else 0.0
         self.queue: asyncio.Queue[tuple[ModbusPDU, float, int]] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._serve())
 
     def feed(self, data: bytes) -> None:
         now = time.monotonic()
+        if self.stale_s and self.buf and now - self.last_rx > self.stale_s:
+            log.debug("dropping a partial request %s", self.buf.hex())
+            self.buf = b""
+        self.last_rx = now
         self.buf += data
         while self.buf:
             try:
                 used, pdu = self.framer.handleFrame(self.buf, 0, 0)
-            except Exception as err:  # undecodable request: drop what we have, like a real device
+            except Exception as err:  # noqa: BLE001 - undecodable request: drop what we have, like a real device
                 log.debug("undecodable request %s: %s", self.buf.hex(), err)
                 self.buf = b""
                 return
@@ -177,12 +228,14 @@ class _StreamSession:
 async def serve_tcp(bus: Bus) -> asyncio.Server:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = _StreamSession(bus, writer.write)
+        bus.clients.add(writer)
         try:
             while data := await reader.read(4096):
                 session.feed(data)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            bus.clients.discard(writer)
             session.close()
             writer.close()
 
@@ -190,29 +243,81 @@ async def serve_tcp(bus: Bus) -> asyncio.Server:
 
 
 class SerialListener:
-    """A serial port (or one side of a socat pty pair) read without blocking the loop."""
+    """A serial port (or one side of a socat pty pair) read without blocking the loop.
+
+    If the port goes away (USB adapter unplugged, socat restarted) the listener closes it and
+    tries to open it again every half second, like a device that waits for its bus.
+    """
+
+    REOPEN_S = 0.5
 
     def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.loop = asyncio.get_running_loop()
+        self.port: Any = None
+        self.session = _StreamSession(bus, self._write)
+        self._reopen: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._open()
+
+    def _open(self) -> None:
         import serial
 
-        lst = bus.listen
+        lst = self.bus.listen
         self.port = serial.Serial(lst.device, baudrate=lst.baudrate, parity=lst.parity, stopbits=lst.stopbits,
                                   timeout=0, write_timeout=2)
-        self.session = _StreamSession(bus, self._write)
-        asyncio.get_running_loop().add_reader(self.port.fileno(), self._readable)
+        self.session.buf = b""
+        self.loop.add_reader(self.port.fileno(), self._readable)
 
     def _write(self, data: bytes) -> None:
-        self.port.write(data)
+        if self.port is None:
+            return  # the port is gone: the answer is lost on the wire, as on a real bus
+        try:
+            self.port.write(data)
+        except (OSError, ValueError) as err:
+            self._lost(err)
 
     def _readable(self) -> None:
         try:
             data = os.read(self.port.fileno(), 4096)
-        except OSError:
+        except OSError as err:
+            self._lost(err)
             return
-        if data:
-            self.session.feed(data)
+        if not data:
+            self._lost(EOFError("end of file"))
+            return
+        self.session.feed(data)
+
+    def _lost(self, err: BaseException) -> None:
+        if self.port is None:
+            return
+        log.warning("serial port %s lost (%s): reopening every %gs", self.bus.listen.device, err, self.REOPEN_S)
+        self.loop.remove_reader(self.port.fileno())
+        try:
+            self.port.close()
+        except OSError:
+            pass
+        self.port = None
+        self._schedule_reopen()
+
+    def _schedule_reopen(self) -> None:
+        if not self._closed:
+            self._reopen = self.loop.call_later(self.REOPEN_S, self._try_reopen)
+
+    def _try_reopen(self) -> None:
+        try:
+            self._open()
+        except (OSError, ValueError):
+            self._schedule_reopen()
+            return
+        log.warning("serial port %s open again", self.bus.listen.device)
 
     def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.port.fileno())
+        self._closed = True
+        if self._reopen is not None:
+            self._reopen.cancel()
         self.session.close()
-        self.port.close()
+        if self.port is not None:
+            self.loop.remove_reader(self.port.fileno())
+            self.port.close()
+            self.port = None
