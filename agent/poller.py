@@ -38,6 +38,7 @@ from drivers.errors import DeviceError, LinkError
 from drivers.link import EXC_BUSY, EXC_ILLEGAL_ADDRESS, LinkClient
 from drivers.model import Block, Device, Event, Link, Point, Reading, Table, Value
 from drivers.plan import block_values, plan_reads
+from drivers.sunspec import DiscoveryError, device_map, discover, without_scale_factors
 
 log = logging.getLogger(__name__)
 Sink = Callable[[Reading | Event], None]
@@ -70,6 +71,7 @@ class DeviceState:
     last_values: dict[str, Value] = field(default_factory=dict)
     alarm_bits: dict[str, int] = field(default_factory=dict)
     identity_read: bool = False
+    discovered: bool = False  # SunSpec: the model chain was walked and the points placed
 
     def replan(self) -> None:
         dmap = self.device.profile
@@ -213,6 +215,10 @@ class LinkWorker:
             job.registers.clear()
         job.ts_ms = int(time.time() * 1000)
         timeout = self._timeout(device)
+        if device.profile.sunspec and not state.discovered:
+            if not await self._discover(job, timeout):
+                return True
+            device = state.device
         while pending := [b for b in state.blocks if b not in job.registers]:
             block = pending[0]
             try:
@@ -255,6 +261,30 @@ class LinkWorker:
         quality += [f"unsupported:{k}" for k in sorted(state.unsupported)]
         job.reading = Reading(device.id, job.ts_ms, values, quality)
         await self._succeeded(state, job.reading)
+        return True
+
+    async def _discover(self, job: Job, timeout: float) -> bool:
+        """A SunSpec device's points come from its model chain, walked on first contact."""
+        state = job.state
+        device = state.device
+
+        async def holding(address: int, count: int) -> list[int]:
+            return await self.client.read(Table.HOLDING, address, count, device.unit, timeout)
+
+        try:
+            found = await discover(holding)
+        except (DeviceError, DiscoveryError) as err:
+            self._failed(job, f"SunSpec discovery: {err}")
+            return False
+        except LinkError as err:
+            self._failed(job, str(err), link=True)
+            return False
+        dmap = device_map(found, name=device.profile.name, map_id=device.profile.id)
+        state.device = replace(device, profile=dmap)
+        state.discovered = True
+        state.replan()
+        log.info("device=%s SunSpec at %d: models %s, %d points", device.id, found.base,
+                 ", ".join(str(i) for i in found.ids), len(dmap.points))
         return True
 
     def _learn_split(self, state: DeviceState, block: Block) -> None:
@@ -344,5 +374,10 @@ class LinkWorker:
                 log.info("device=%s identity registers not readable: %s", state.device.id, err)
                 continue
             raw.update(block_values(block, regs))
-        values, _ = decode_points([replace(p, publish=True) for p in points], raw)
+        values: dict[str, Any] = dict(decode_points([replace(p, publish=True) for p in without_scale_factors(points)],
+                                                    raw)[0])
+        if state.discovered:
+            # The center learns a discovered device's points from its meta message.
+            values["_points"] = [{"key": p.key, "unit": p.unit, "type": p.type.name_}
+                                 for p in state.device.profile.points if p.publish]
         self.identity_sink(state.device.id, values)

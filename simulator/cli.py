@@ -37,6 +37,7 @@ from drivers.yamlsrc import Checker, load_file
 from simulator.device import Fault, SimDevice
 from simulator.physics import PvPlant, SimClock, Sun
 from simulator.server import Bus, Listen, SerialListener, serve_tcp
+from simulator.sunspec import make_sim_device
 
 EX_CONFIG = 78
 EX_USAGE = 64
@@ -201,6 +202,11 @@ def build_buses(spec: SimSpec, clock: SimClock) -> list[Bus]:
                 raise ValueError(f"unit {d.unit} twice on {lst.listen}")
             meter = "meter" in profile.name.lower() or profile.id in ("chint-dtsu666", "eastron-sdm630")
             plant = PvPlant(rated_kw=d.rated_kw, seed=d.unit, meter=meter, sun=sun)
+            if profile.sunspec:  # a whole model chain rather than a flat map
+                dev = make_sim_device(d.unit, plant, clock, fault=Fault.parse(d.fault))
+                dev.turnaround_s = None if d.turnaround_ms is None else d.turnaround_ms / 1000.0
+                devices[d.unit] = dev
+                continue
             devices[d.unit] = SimDevice(d.unit, profile, plant, clock, Fault.parse(d.fault),
                                         turnaround_s=None if d.turnaround_ms is None else d.turnaround_ms / 1000.0)
         buses.append(Bus(Listen.parse(lst.listen), devices))

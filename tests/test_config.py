@@ -649,8 +649,6 @@ def test_sim_file_with_unknown_key(tmp_path: Path) -> None:
     assert f"{spec}:4: listeners[0].devices[0].kw: unknown key" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="simulator/cli.py: an unknown --timezone raises ZoneInfoNotFoundError "
-                                       "(a KeyError) out of main(), which catches only ValueError/OSError")
 def test_sim_unknown_timezone() -> None:
     result = pvgate_sim("--listen", f"tcp://127.0.0.1:{free_port()}", "--device", "1:huawei-sun2000",
                         "--timezone", "Asia/Beijing")
