@@ -82,6 +82,8 @@ class SimDevice:
         for point in (*self.profile.points, *self.profile.identity):
             if point.key in self.overrides:
                 out[point.key] = self.overrides[point.key]
+            elif point.key == "status" and point.enum:
+                out[point.key] = status_code(point, float(state.get("ac_power", 0.0)) > 0.0)
             elif point.key in state:
                 out[point.key] = state[point.key]
             elif point.sim is not None:
@@ -129,3 +131,17 @@ class SimDevice:
 
 def table_is_bits(point: Point) -> bool:
     return point.table.is_bit or (point.type is DataType.BOOL and point.table.is_bit)
+
+
+RUNNING_TEXTS = ("on-grid", "run", "normal", "mppt", "generating")
+IDLE_TEXTS = ("standby: no irradiation", "standby", "wait", "sleep")
+
+
+def status_code(point: Point, running: bool) -> int:
+    """The device's own code for "producing" or "idle at night", found in its enum texts, so
+    that every vendor's map gets a status its own enum names (Huawei 0x0200, Sungrow 0x0000…)."""
+    for prefix in RUNNING_TEXTS if running else IDLE_TEXTS:
+        for code, text in point.enum:
+            if text.lower().startswith(prefix):
+                return code
+    return int(point.sim) if isinstance(point.sim, (int, float)) else point.enum[0][0]
