@@ -2,23 +2,36 @@
 
 It runs paho's network loop on its own thread instead of loop_start(): PUBACK callbacks then run
 on the same thread that records mid -> seqs, so an acknowledgement can never race ahead of the
-bookkeeping (limits.md §3), and reconnects get the jittered backoff paho lacks.
+bookkeeping (limits.md §3), and reconnects get the jittered backoff paho lacks. Every connection
+uses a fresh paho client: paho's in-memory session dies with the connection instead of being
+re-sent behind our back — the buffer is the only queue.
 
-Live data goes first: rows that entered the buffer after the connection came up are published
-as soon as they appear, while the backlog drains oldest-first in the room left in the in-flight
-window, marked `"replay": true`.
+Three lanes share the in-flight window (mqtt.inflight messages, paho is happiest at 20-100):
+- live: rows that entered the buffer after the connection came up, published as they appear
+  and always first;
+- resend: seq ranges the center asked for (`request_resend`), `"replay": true, "resend": true`;
+- backlog: rows that were unsent when the connection came up, oldest first, `"replay": true`.
+Resend and backlog rows are read in windows of many rows and batched per device (many readings
+per message, at most mqtt.batch_max readings and MAX_PAYLOAD_BYTES). They leave two slots of the
+window to the live lane, and their bytes in flight are capped at what the link carried in the
+last TARGET_QUEUE_S: on a slow uplink a live reading waits behind at most that much backlog.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,15 +39,29 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
 from agent.buffer import KIND_DATA, Buffer, Row
-from agent.config import SiteConfig
+from agent.config import SiteConfig, TlsConfig
 from agent.logutil import RateLimitedLog
+from drivers.errors import ConfigError, Problem, StorageError
 
 log = logging.getLogger(__name__)
 
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0
-MAX_PAYLOAD_BYTES = 256 * 1024
+LOOP_TIMEOUT_S = 0.02
+MAX_PAYLOAD_BYTES = 128 * 1024  # fits the smallest common broker limit (AWS IoT: 128 KiB)
+FETCH_ROWS_MIN = 500
+GROUP_MIN_ROWS = 500  # a window this large is a backlog: batch per device
+FETCH_ROWS_MAX = 20_000
+LIVE_RESERVE = 2  # window slots the backlog leaves to live data
+TARGET_QUEUE_S = 0.5
+MIN_BULK_BYTES = 8 * 1024
+MAX_BULK_BYTES = 64 * 1024 * 1024
+RESEND_MAX_SEQS = 100_000
+RESEND_MAX_JOBS = 16
 CommandHandler = Callable[[str, bytes], tuple[str, dict[str, Any]] | None]
+
+LIVE, BACKLOG, RESEND = "live", "backlog", "resend"
+_BODY = itemgetter(4)  # Row.body
 
 
 @dataclass
@@ -42,8 +69,18 @@ class PublishStats:
     messages: int = 0
     acked_messages: int = 0
     acked_rows: int = 0
+    replayed_rows: int = 0
+    resent_rows: int = 0
     connects: int = 0
     last_ack: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    seqs: list[int]
+    lane: str
 
 
 class Topics:
@@ -76,6 +113,144 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def _obj(head: str, body: str, tail: str) -> str:
+    """One JSON object: our fields, then the stored body's fields spliced in without parsing."""
+    inner = body[1:-1]
+    return "{" + head + ("," + inner if inner else "") + tail + "}"
+
+
+def _size(rows: list[Row]) -> int:
+    """Bytes the rows take in a data message."""
+    return sum(map(len, map(_BODY, rows))) + 48 * len(rows)
+
+
+def _by_run(rows: Sequence[Row]) -> list[list[Row] | Row]:
+    """Runs of consecutive readings of one device; events alone."""
+    out: list[list[Row] | Row] = []
+    for row in rows:
+        last = out[-1] if out else None
+        if row.kind != KIND_DATA:
+            out.append(row)
+        elif isinstance(last, list) and last[0].device == row.device:
+            last.append(row)
+        else:
+            out.append([row])
+    return out
+
+
+def _by_device(rows: Sequence[Row]) -> list[list[Row] | Row]:
+    """Each device's readings together, at the place of its first; events alone."""
+    out: list[list[Row] | Row] = []
+    per: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.kind != KIND_DATA:
+            out.append(row)
+        elif row.device in per:
+            per[row.device].append(row)
+        else:
+            per[row.device] = [row]
+            out.append(per[row.device])
+    return out
+
+
+class MessageBuilder:
+    """Rows -> data/event messages: per device, in seq order, bounded in readings and bytes."""
+
+    def __init__(self, topics: Topics, site: str, batch_max: int, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        self.topics = topics
+        self.site_json = json.dumps(site, ensure_ascii=False)
+        self.batch_max = batch_max
+        self.max_bytes = max_bytes
+
+    def build(self, rows: Sequence[Row], lane: str) -> list[Message]:
+        """A window of GROUP_MIN_ROWS rows or more is a backlog: each device's readings go
+        together, messages in the order of their first seq. A smaller window keeps strict seq
+        order: only consecutive readings of one device share a message."""
+        tail = (',"replay":true' if lane != LIVE else "") + (',"resend":true' if lane == RESEND else "")
+        items: list[list[Row] | Row] = []
+        for run in (_by_device(rows) if len(rows) >= GROUP_MIN_ROWS else _by_run(rows)):
+            if isinstance(run, list):
+                items.extend(self._split(run))
+            else:
+                items.append(run)
+        items.sort(key=lambda item: item[0].seq if isinstance(item, list) else item.seq)
+        return [self._data(item, lane, tail) if isinstance(item, list) else self._event(item, lane, tail)
+                for item in items]
+
+    def _split(self, rows: list[Row]) -> list[list[Row]]:
+        """Evenly into as few messages as batch_max and max_bytes allow."""
+        limit = self.max_bytes - 256
+        total = _size(rows)
+        if len(rows) <= self.batch_max and total <= limit:
+            return [rows]
+        per = math.ceil(len(rows) / max(math.ceil(len(rows) / self.batch_max), math.ceil(total / limit)))
+        out: list[list[Row]] = []
+        for i in range(0, len(rows), per):
+            chunk = rows[i:i + per]
+            while _size(chunk) > limit and len(chunk) > 1:  # uneven rows: halve until it fits
+                half = len(chunk) // 2
+                out.extend(self._split(chunk[:half]))
+                chunk = chunk[half:]
+            out.append(chunk)
+        return out
+
+    def _head(self, device: str) -> str:
+        return f'"v":1,"site":{self.site_json},"device":{json.dumps(device, ensure_ascii=False)}'
+
+    def _data(self, rows: list[Row], lane: str, tail: str) -> Message:
+        # Stored bodies are JSON objects with values and q: splice seq and ts in, no parsing.
+        readings = ",".join([f'{{"seq":{r.seq},"ts":{r.ts},{r.body[1:]}' for r in rows])
+        text = "{" + self._head(rows[0].device) + ',"readings":[' + readings + "]" + tail + "}"
+        return Message(self.topics.data(rows[0].device), text.encode(), [r.seq for r in rows], lane)
+
+    def _event(self, row: Row, lane: str, tail: str) -> Message:
+        text = _obj(f'{self._head(row.device)},"seq":{row.seq},"ts":{row.ts}', row.body, tail)
+        return Message(self.topics.events(row.device), text.encode(), [row.seq], lane)
+
+
+@dataclass
+class _ResendJob:
+    next_seq: int
+    last_seq: int
+
+
+class TlsSetupError(Exception):
+    """The TLS files of mqtt.tls cannot be used; the message names the file and the fix."""
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A client context that verifies the broker against ca_file and presents cert_file/key_file.
+    The key password is always passed (empty if none): an encrypted key must fail, not prompt
+    on a terminal and hang the service (limits.md §3)."""
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_file)
+    except (OSError, ssl.SSLError) as err:
+        raise TlsSetupError(f"mqtt.tls.ca_file {tls.ca_file}: cannot load a CA certificate from it ({err})") from err
+    if tls.cert_file is None:
+        return ctx
+    try:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=tls.key_password or "")
+    except ssl.SSLError as err:
+        encrypted = _looks_encrypted(tls.key_file or tls.cert_file)
+        if encrypted and not tls.key_password:
+            hint = "the key is encrypted; set mqtt.tls.key_password_file"
+        elif encrypted:
+            hint = "wrong key password, or the key does not belong to the certificate"
+        else:
+            hint = "not a PEM certificate and matching private key"
+        raise TlsSetupError(f"mqtt.tls.cert_file {tls.cert_file} / key_file {tls.key_file}: {hint} ({err})") from err
+    except OSError as err:
+        raise TlsSetupError(f"mqtt.tls: cannot read {err.filename or tls.cert_file}: {err.strerror}") from err
+    return ctx
+
+
+def _looks_encrypted(path: str) -> bool:
+    try:
+        return "ENCRYPTED" in Path(path).read_text(encoding="ascii", errors="replace")[:4096]
+    except OSError:
+        return False
+
+
 class Publisher:
     """Owns the paho client and a thread; the buffer is its only source of data."""
 
@@ -91,21 +266,32 @@ class Publisher:
         self.stats = PublishStats()
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
-        self._draining = False
         self._thread: threading.Thread | None = None
         self._connected = False
         self._attempts = 0
         self._next_attempt = 0.0
-        self._inflight: dict[int, list[int]] = {}
+        self._inflight: dict[int, Message] = {}
         self._acked: list[int] = []
+        self._unmarked: list[int] = []
+        self._lanes: dict[str, deque[Message]] = {LIVE: deque(), RESEND: deque(), BACKLOG: deque()}
         self._live_cursor = 0
         self._backlog_cursor = 0
         self._backlog_mark = 0
+        self._bulk_bytes = 0
+        self._ack_log: deque[tuple[float, int]] = deque()  # (when, bytes) of acks in the last second
+        self._acked_bytes = 0
+        self._resend_lock = threading.Lock()
+        self._resend_jobs: deque[_ResendJob] = deque()
         self._meta_sent: dict[str, str] = {}
         self._next_health = 0.0
         self._next_meta = 0.0
         self._rl = RateLimitedLog(log)
+        try:
+            self._tls = tls_context(cfg.mqtt.tls) if cfg.mqtt.tls is not None else None
+        except TlsSetupError as err:
+            raise ConfigError([Problem(cfg.file, 0, "mqtt.tls", str(err))]) from err
         self.client = self._make_client()
+        self._client_used = False
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -116,13 +302,10 @@ class Publisher:
         client.will_set(self.topics.status(), self._status_payload("offline"), qos=1, retain=True)
         if m.username:
             client.username_pw_set(m.username, m.password)
-        if m.tls is not None:
-            # keyfile_password given explicitly: an encrypted key without it would prompt on a
-            # terminal and hang the service (limits.md §3).
-            client.tls_set(ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file,
-                           keyfile_password=m.tls.key_password or "", cert_reqs=ssl.CERT_REQUIRED,
-                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        client.max_inflight_messages_set(m.inflight)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+        # Our window is m.inflight data messages; status, meta, health and replies get a few more.
+        client.max_inflight_messages_set(m.inflight + 10)
         client.max_queued_messages_set(0)
         client.connect_timeout = 5.0
         client.on_connect = self._on_connect
@@ -130,6 +313,10 @@ class Publisher:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
+
+    @property
+    def fetch_rows(self) -> int:
+        return max(FETCH_ROWS_MIN, min(FETCH_ROWS_MAX, self.cfg.mqtt.batch_max * len(self.cfg.devices)))
 
     def _status_payload(self, state: str) -> bytes:
         return _dumps({"state": state, "ts": int(time.time() * 1000), "version": __version__})
@@ -140,7 +327,6 @@ class Publisher:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Publish what can be published within grace_s, leave status offline, disconnect."""
-        self._draining = True
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
             if self._connected and not self._inflight and not self.buffer.unsent(0, limit=1):
@@ -154,6 +340,37 @@ class Publisher:
     def connected(self) -> bool:
         return self._connected
 
+    # -- resend (the center asks for a seq range again) --------------------------------------
+
+    def request_resend(self, first: int, last: int) -> tuple[bool, dict[str, Any]]:
+        """Queue the rows still kept in first..last (sent or not) for publishing again, marked
+        "replay" and "resend". At most RESEND_MAX_SEQS seqs per request; thread-safe, returns
+        at once. (False, {"error": …}) for an invalid range or one with nothing kept."""
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last)):
+            return False, {"error": "first_seq and last_seq must be integers"}
+        if first < 1 or last < first:
+            return False, {"error": f"invalid seq range {first}..{last}: expected 1 <= first_seq <= last_seq"}
+        try:
+            whole = self.buffer.kept_bounds(first, last)
+            if whole is None:
+                kept = self.buffer.kept_bounds(1, 2**62)
+                where = f"; kept now: seq {kept[0]}..{kept[1]}" if kept else "; the buffer is empty"
+                return False, {"error": f"no records kept in seq {first}..{last}{where}"}
+            top = min(last, whole[0] + RESEND_MAX_SEQS - 1)
+            bounds = whole if top >= whole[1] else self.buffer.kept_bounds(whole[0], top)
+        except StorageError as err:
+            return False, {"error": f"buffer not readable: {err}"}
+        assert bounds is not None  # whole[0] itself is kept
+        with self._resend_lock:
+            if len(self._resend_jobs) >= RESEND_MAX_JOBS:
+                return False, {"error": f"busy: {len(self._resend_jobs)} resend requests are still queued"}
+            self._resend_jobs.append(_ResendJob(bounds[0], bounds[1]))
+        log.info("device=_site resend of seq %d..%d queued (kept: %d..%d)", first, last, *bounds)
+        reply: dict[str, Any] = {"queued_first_seq": bounds[0], "queued_last_seq": bounds[1]}
+        if top < whole[1]:
+            reply.update(truncated=True, next_first_seq=top + 1, max_seqs=RESEND_MAX_SEQS)
+        return True, reply
+
     # -- paho callbacks (run on our own thread, inside client.loop()) ------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -165,24 +382,31 @@ class Publisher:
         self.stats.connects += 1
         log.info("device=_site connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
         self._rl.reset("connect")
-        # Anything in flight on the old connection is published again (duplicates carry
-        # the same seq, the center dedupes); what is unsent now is the backlog.
+        self._new_session()
+        client.publish(self.topics.status(), self._status_payload("online"), qos=1, retain=True)
+        if self.commands is not None:
+            client.subscribe(self.topics.cmd(), qos=1)
+
+    def _new_session(self) -> None:
+        """What was in flight on the old connection is published again (duplicates carry the same
+        seq; the center dedupes). Whatever is unsent now is the backlog."""
+        resend = [m for m in self._inflight.values() if m.lane == RESEND]
+        self._lanes[RESEND].extendleft(reversed(sorted(resend, key=lambda m: m.seqs[0])))
         self._inflight.clear()
         self._acked.clear()
+        self._bulk_bytes = 0
+        self._lanes[LIVE].clear()
+        self._lanes[BACKLOG].clear()
         self._backlog_mark = self.buffer.last_seq()
         self._live_cursor = self._backlog_mark
         self._backlog_cursor = 0
         self._meta_sent.clear()
         self._next_meta = 0.0
-        client.publish(self.topics.status(), self._status_payload("online"), qos=1, retain=True)
-        if self.commands is not None:
-            client.subscribe(self.topics.cmd(), qos=1)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._connected:
             log.warning("device=_site disconnected from broker: %s", reason)
         self._connected = False
-        self._inflight.clear()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         self._acked.append(mid)
@@ -192,7 +416,7 @@ class Publisher:
             return
         name = msg.topic.rsplit("/", 1)[-1]
         try:
-            answer = self.commands(name, msg.payload)
+            answer = self.commands(name, bytes(msg.payload))
         except Exception:  # a command must never take the publisher down
             log.exception("device=_site command %s failed", name)
             answer = (name, {"ok": False, "error": "internal error"})
@@ -207,7 +431,8 @@ class Publisher:
                 if not self._connected:
                     self._try_connect()
                     continue
-                self.client.loop(timeout=0.02)
+                self.client.loop(timeout=LOOP_TIMEOUT_S)
+                self._quickack()
                 self._settle_acks()
                 if self._connected:
                     self._publish_meta()
@@ -227,109 +452,143 @@ class Publisher:
             return
         self._attempts += 1
         try:
-            if self._attempts == 1 and self.stats.connects == 0:
-                self.client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive)
-            else:
-                self.client.reconnect()
+            if self._client_used:
+                self.client = self._make_client()  # a fresh session: nothing stale is re-sent
+            self._client_used = True
+            self.client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive)
             deadline = time.monotonic() + 5.0
             while not self._connected and time.monotonic() < deadline and not self._stop.is_set():
                 if self.client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
-        except (OSError, ssl.SSLError, ValueError) as err:
+        except ssl.SSLError as err:
+            self._rl.warning("connect", "device=_site TLS with broker %s:%d failed: %s",
+                             self.cfg.mqtt.host, self.cfg.mqtt.port, err)
+        except (OSError, ValueError) as err:
             self._rl.warning("connect", "device=_site cannot reach broker %s:%d: %s",
                              self.cfg.mqtt.host, self.cfg.mqtt.port, err)
+        self._settle_acks()
         if not self._connected:
             # Full jitter, capped: hundreds of stations must not hit a restarted broker at once.
             cap = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(self._attempts, 10))
             self._next_attempt = time.monotonic() + random.uniform(RECONNECT_BASE_S, cap)
 
-    def _settle_acks(self) -> None:
-        if not self._acked:
-            return
-        seqs: list[int] = []
-        for mid in self._acked:
-            seqs.extend(self._inflight.pop(mid, ()))
-        self.stats.acked_messages += len(self._acked)
-        self._acked.clear()
-        if seqs:
-            self.buffer.mark_sent(seqs)
-            self.stats.acked_rows += len(seqs)
-            self.stats.last_ack = time.monotonic()
+    def _quickack(self) -> None:
+        """Acknowledge TCP segments at once. mosquitto leaves Nagle on (set_tcp_nodelay false),
+        so its second PUBACK in a row waits for our TCP ACK, which Linux delays by up to 40 ms:
+        every PUBACK that waits is a duplicate if the agent dies meanwhile."""
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket) and hasattr(socket, "TCP_QUICKACK"):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass
 
-    def _room(self) -> int:
-        return self.cfg.mqtt.inflight - len(self._inflight)
+    def _settle_acks(self) -> None:
+        if not self._acked and not self._unmarked:
+            return
+        now = time.monotonic()
+        seqs, self._unmarked = self._unmarked, []
+        for mid in self._acked:
+            msg = self._inflight.pop(mid, None)
+            if msg is None:  # status, meta, health, replies
+                continue
+            seqs.extend(msg.seqs)
+            self._ack_log.append((now, len(msg.payload)))
+            self._acked_bytes += len(msg.payload)
+            if msg.lane != LIVE:
+                self._bulk_bytes -= len(msg.payload)
+            self.stats.acked_messages += 1
+            self.stats.acked_rows += len(msg.seqs)
+            if msg.lane == BACKLOG:
+                self.stats.replayed_rows += len(msg.seqs)
+            elif msg.lane == RESEND:
+                self.stats.resent_rows += len(msg.seqs)
+        self._acked.clear()
+        self._forget_old_acks(now)
+        if not seqs:
+            return
+        try:
+            self.buffer.mark_sent(seqs)
+        except StorageError as err:
+            self._unmarked = seqs[-1_000_000:]  # retried; if lost, they are sent again (duplicates)
+            self._rl.warning("mark", "device=_site cannot mark %d records sent, will retry: %s", len(seqs), err)
+            return
+        self.stats.last_ack = now
+
+    def _forget_old_acks(self, now: float) -> None:
+        while self._ack_log and self._ack_log[0][0] < now - 1.0:
+            self._acked_bytes -= self._ack_log.popleft()[1]
+
+    # -- filling the window ------------------------------------------------------------------
 
     def _fill_window(self) -> None:
-        limit = self.cfg.mqtt.batch_max * 4
-        while self._room() > 0 and self._connected:
-            rows = self.buffer.unsent(self._live_cursor, limit=limit)
+        """Live rows first (looked up once per loop turn), then resend, then backlog."""
+        if not self._lanes[LIVE]:
+            rows = self.buffer.unsent(self._live_cursor, limit=self.fetch_rows)
             if rows:
-                sent_to = self._publish_rows(rows, replay=False)
-                if not sent_to:
-                    return
-                self._live_cursor = sent_to
-                continue
-            if self._backlog_cursor >= self._backlog_mark:
+                self._live_cursor = rows[-1].seq
+                self._lanes[LIVE].extend(self._builder().build(rows, LIVE))
+        while self._connected and len(self._inflight) < self.cfg.mqtt.inflight:
+            lane = LIVE if self._lanes[LIVE] else self._bulk_lane()
+            if lane is None or not self._send(self._lanes[lane].popleft()):
                 return
-            rows = self.buffer.unsent(self._backlog_cursor, self._backlog_mark, limit=limit)
+
+    def _bulk_lane(self) -> str | None:
+        if not self._bulk_room():
+            return None
+        if not self._lanes[RESEND]:
+            self._refill_resend()
+        if self._lanes[RESEND]:
+            return RESEND
+        if not self._lanes[BACKLOG] and self._backlog_cursor < self._backlog_mark:
+            rows = self.buffer.unsent(self._backlog_cursor, self._backlog_mark, limit=self.fetch_rows)
+            self._backlog_cursor = rows[-1].seq if rows else self._backlog_mark
+            self._lanes[BACKLOG].extend(self._builder().build(rows, BACKLOG))
+        return BACKLOG if self._lanes[BACKLOG] else None
+
+    def _builder(self) -> MessageBuilder:
+        return MessageBuilder(self.topics, self.site, self.cfg.mqtt.batch_max)
+
+    def _bulk_room(self) -> bool:
+        """Room for backlog/resend: window slots beyond the live reserve, and bytes in flight
+        below what the link carried in the last TARGET_QUEUE_S (at least one message)."""
+        inflight = self.cfg.mqtt.inflight
+        if len(self._inflight) >= inflight - min(LIVE_RESERVE, inflight // 10):
+            return False
+        if self._bulk_bytes <= 0:
+            return True
+        self._forget_old_acks(time.monotonic())
+        carried = self._acked_bytes * TARGET_QUEUE_S  # acked in the last second, times the target
+        return self._bulk_bytes < max(MIN_BULK_BYTES, min(MAX_BULK_BYTES, carried))
+
+    def _refill_resend(self) -> None:
+        while not self._lanes[RESEND]:
+            with self._resend_lock:
+                job = self._resend_jobs[0] if self._resend_jobs else None
+            if job is None:
+                return
+            rows = self.buffer.range(job.next_seq, job.last_seq, limit=self.fetch_rows)
             if not rows:
-                self._backlog_cursor = self._backlog_mark
-                return
-            sent_to = self._publish_rows(rows, replay=True)
-            if not sent_to:
-                return
-            self._backlog_cursor = sent_to
+                with self._resend_lock:
+                    self._resend_jobs.popleft()
+                log.info("device=_site resend up to seq %d handed to the broker", job.last_seq)
+                continue
+            job.next_seq = rows[-1].seq + 1
+            self._lanes[RESEND].extend(self._builder().build(rows, RESEND))
 
-    def _publish_rows(self, rows: list[Row], replay: bool) -> int:
-        """Publish rows as messages while the window has room; returns the last seq handed to paho."""
-        last = 0
-        i = 0
-        while i < len(rows) and self._room() > 0:
-            row = rows[i]
-            if row.kind == KIND_DATA:
-                batch = [row]
-                size = 0
-                while (i + len(batch) < len(rows) and len(batch) < self.cfg.mqtt.batch_max
-                       and rows[i + len(batch)].kind == KIND_DATA and rows[i + len(batch)].device == row.device
-                       and size < MAX_PAYLOAD_BYTES // 2):
-                    nxt = rows[i + len(batch)]
-                    size += 64 + len(nxt.body.get("values", {})) * 24
-                    batch.append(nxt)
-                topic, payload = self.topics.data(row.device), self._data_payload(batch, replay)
-            else:
-                batch = [row]
-                topic, payload = self.topics.events(row.device), self._event_payload(row, replay)
-            if not self._send(topic, payload, [r.seq for r in batch]):
-                return last
-            last = batch[-1].seq
-            i += len(batch)
-        return last
-
-    def _send(self, topic: str, payload: bytes, seqs: list[int]) -> bool:
-        info = self.client.publish(topic, payload, qos=1)
+    def _send(self, msg: Message) -> bool:
+        info = self.client.publish(msg.topic, msg.payload, qos=1)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._lanes[msg.lane].appendleft(msg)
             self._rl.warning("publish", "device=_site publish failed (rc=%s); will retry after reconnect", info.rc)
             return False
-        self._inflight[info.mid] = seqs
+        self._inflight[info.mid] = msg
+        if msg.lane != LIVE:
+            self._bulk_bytes += len(msg.payload)
         self.stats.messages += 1
         return True
 
-    def _data_payload(self, rows: list[Row], replay: bool) -> bytes:
-        msg: dict[str, Any] = {
-            "v": 1, "site": self.site, "device": rows[0].device,
-            "readings": [{"seq": r.seq, "ts": r.ts, "values": r.body.get("values", {}), "q": r.body.get("q", [])}
-                         for r in rows],
-        }
-        if replay:
-            msg["replay"] = True
-        return _dumps(msg)
-
-    def _event_payload(self, row: Row, replay: bool) -> bytes:
-        msg: dict[str, Any] = {"v": 1, "site": self.site, "device": row.device, "seq": row.seq, "ts": row.ts}
-        msg.update(row.body)
-        if replay:
-            msg["replay"] = True
-        return _dumps(msg)
+    # -- meta, health, shutdown --------------------------------------------------------------
 
     def _publish_meta(self) -> None:
         now = time.monotonic()
@@ -338,23 +597,26 @@ class Publisher:
         self._next_meta = now + 1.0  # identities arrive after a device's first poll
         identities = self.buffer.identities()
         for device in self.cfg.devices:
-            identity = identities.get(device.id, {})
+            identity = dict(identities.get(device.id, {}))
+            signature = f"{device.profile.id}|{json.dumps(identity, sort_keys=True)}"
+            if self._meta_sent.get(device.id) == signature:
+                continue
+            # A SunSpec device's points are discovered at run time; the poller sends them along.
+            discovered = identity.pop("_points", None)
+            points = discovered if isinstance(discovered, list) else [
+                {"key": p.key, "unit": p.unit, "type": p.type.name_,
+                 **({"counter": True} if p.counter else {}),
+                 **({"enum": {str(k): v for k, v in p.enum}} if p.enum else {}),
+                 **({"bits": {str(k): v for k, v in p.bits}} if p.bits else {})}
+                for p in device.profile.points if p.publish]
             payload = _dumps({
                 "v": 1, "site": self.site, "device": device.id, "profile": device.profile.id,
                 "name": device.profile.name, "unit": device.unit, "link": device.link,
-                "interval_s": device.interval_s, "identity": identity,
-                "points": [{"key": p.key, "unit": p.unit, "type": p.type.name_,
-                            **({"counter": True} if p.counter else {}),
-                            **({"enum": {str(k): v for k, v in p.enum}} if p.enum else {}),
-                            **({"bits": {str(k): v for k, v in p.bits}} if p.bits else {})}
-                           for p in device.profile.points if p.publish],
+                "interval_s": device.interval_s, "identity": identity, "points": points,
             })
-            key = payload.decode()
-            if self._meta_sent.get(device.id) == key:
-                continue
             info = self.client.publish(self.topics.meta(device.id), payload, qos=1, retain=True)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self._meta_sent[device.id] = key
+                self._meta_sent[device.id] = signature
 
     def _maybe_health(self) -> None:
         if self.health_source is None:
@@ -372,6 +634,7 @@ class Publisher:
             while time.monotonic() < deadline and self._connected and not info.is_published():
                 self.client.loop(timeout=0.05)
             self._settle_acks()
+            self._connected = False  # ours: not worth a warning in on_disconnect
             self.client.disconnect()
             try:
                 self.client.loop(timeout=0.1)
