@@ -22,7 +22,6 @@ day drains in under 60 s. Figures vary with the machine: compare ratios measured
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re

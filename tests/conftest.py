@@ -18,6 +18,7 @@ import pytest
 from support.broker import Broker, require_mosquitto
 from support.collector import Collector
 from support.procs import Proc, ProcRegistry
+from support.uplink import Uplink
 
 BrokerFactory = Callable[..., Broker]
 CollectorFactory = Callable[..., Collector]
@@ -111,3 +112,10 @@ def _no_leaked_threads() -> Iterator[None]:
     left = leaked()
     if left:
         pytest.fail(f"test leaked non-daemon threads: {[t.name for t in left]}", pytrace=False)
+
+
+@pytest.fixture
+def uplink(broker: Broker) -> Iterator[Uplink]:
+    """An unlimited uplink from the station to the `broker` fixture."""
+    with Uplink(broker.port) as u:
+        yield u

@@ -16,7 +16,8 @@ from drivers.model import Reading
 from support.broker import Broker
 from support.collector import Collector
 from support.procs import Proc
-from support.chain import SimDev, agent_cmd, buffer_seqs, readings, seqs_of, start_agent, start_sim, write_site
+from support.chain import (SimDev, agent_cmd, assert_every_seq_once_in_content, buffer_seqs, data_and_events, readings,
+                           records, seqs_of, start_agent, start_sim, write_site)
 from support.collector import MosquittoSub
 from support.ports import free_port
 
@@ -24,30 +25,9 @@ INV = SimDev("inv01", 1, "huawei-sun2000")
 METER = SimDev("meter", 11, "chint-dtsu666")
 
 
-def _records(msgs: list[Any]) -> dict[int, set[str]]:
-    """seq -> the distinct contents that carried it (a reused seq has more than one)."""
-    out: dict[int, set[str]] = {}
-    for m in msgs:
-        body = m.json()
-        if "readings" in body:
-            for r in body["readings"]:
-                out.setdefault(r["seq"], set()).add(json.dumps([body["device"], r["ts"], r["values"]], sort_keys=True))
-        elif "seq" in body:
-            ev = {k: v for k, v in body.items() if k != "replay"}
-            out.setdefault(body["seq"], set()).add(json.dumps(ev, sort_keys=True))
-    return out
-
-
-def _data_and_events(col: Any, site: str) -> list[Any]:
-    return [m for m in col.messages(f"pvgate/{site}/#") if "/data/" in m.topic or "/events/" in m.topic]
-
-
 def _assert_complete(col: Any, site: str, last: int) -> None:
-    records = _records(_data_and_events(col, site))
-    missing = sorted(set(range(1, last + 1)) - set(records))
-    assert not missing, f"seqs never arrived: {missing[:20]} ({len(missing)} in all)"
-    reused = {s: c for s, c in records.items() if len(c) > 1}
-    assert not reused, f"seq reused for different data: {list(reused.items())[:3]}"
+    got, _ = records(data_and_events(col.messages(f"pvgate/{site}/#")))
+    assert_every_seq_once_in_content(got, last)
 
 
 def _states(col: Any, site: str) -> list[str]:
@@ -171,7 +151,7 @@ def test_sigterm_mid_publish_loses_no_reading(
     col.wait_for(lambda ms: sum(1 for m in ms if m.json().get("replay")) >= 100, timeout=20,
                  topic_filter="pvgate/term/data/#", desc="the backlog is being published")
     agent.send_signal(signal.SIGTERM)
-    arrived_at_term = len(seqs_of(_data_and_events(col, "term")))
+    arrived_at_term = len(seqs_of(data_and_events(col.messages("pvgate/term/#"))))
     assert agent.wait(timeout=20) == 0, agent.tail()
     last, _ = buffer_seqs(buffer)
     assert arrived_at_term < last, "SIGTERM came while the backlog was still being published"
@@ -180,7 +160,7 @@ def test_sigterm_mid_publish_loses_no_reading(
     status = MosquittoSub.retained(broker.host, broker.port, "pvgate/term/status")
     assert status is not None and json.loads(status)["state"] == "offline"
     # Whatever was marked sent did arrive; the rest is still in the buffer, unsent.
-    arrived = set(seqs_of(_data_and_events(col, "term")))
+    arrived = set(seqs_of(data_and_events(col.messages("pvgate/term/#"))))
     unsent = _unsent(buffer)
     assert set(range(1, last + 1)) <= arrived | unsent, "a committed reading was neither delivered nor kept"
     assert not (set(range(1, last + 1)) - arrived) - unsent
@@ -189,7 +169,7 @@ def test_sigterm_mid_publish_loses_no_reading(
     site.write_text(site.read_text(encoding="utf-8").replace("batch_max: 1", "batch_max: 500")
                     .replace("inflight: 1", "inflight: 20"), encoding="utf-8")
     agent = start_agent(procs, site, name="agent-again")
-    col.wait_for(lambda ms: set(range(1, last + 1)) <= set(seqs_of(_data_and_events(col, "term"))), timeout=30,
+    col.wait_for(lambda ms: set(range(1, last + 1)) <= set(seqs_of(data_and_events(col.messages("pvgate/term/#")))), timeout=30,
                  desc="every committed seq after the restart")
     assert agent.terminate(timeout=15) == 0
     last, _ = buffer_seqs(buffer)

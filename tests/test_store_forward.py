@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +27,9 @@ from agent import publisher as publisher_mod
 from agent.publisher import Publisher
 from drivers.model import Event, Reading
 from support.broker import Broker
-from support.chain import SimDev, buffer_seqs, seqs_of, start_agent, start_sim, write_site
+from support.chain import (SimDev, assert_every_seq_once_in_content, buffer_seqs, data_and_events, records, seqs_of,
+                           start_agent, start_sim, write_site)
+from support.uplink import Uplink
 from support.collector import Collector, Msg, publish
 from support.ports import free_port
 from support.procs import Proc
@@ -53,34 +53,6 @@ def site_with(tmp_path: Path, buffer_opts: str = "", **kw: Any) -> Path:
     return path
 
 
-def records(msgs: list[Msg]) -> tuple[dict[int, set[str]], int]:
-    """seq -> the distinct contents that carried it, and how many times seqs arrived in all."""
-    out: dict[int, set[str]] = {}
-    arrivals = 0
-    for m in msgs:
-        body = m.json()
-        if "readings" in body:
-            for r in body["readings"]:
-                out.setdefault(r["seq"], set()).add(json.dumps([body["device"], r["ts"], r["values"], r["q"]], sort_keys=True))
-                arrivals += 1
-        elif "seq" in body:
-            ev = {k: v for k, v in body.items() if k not in ("replay", "resend")}
-            out.setdefault(body["seq"], set()).add(json.dumps(ev, sort_keys=True))
-            arrivals += 1
-    return out, arrivals
-
-
-def data_and_events(msgs: list[Msg]) -> list[Msg]:
-    return [m for m in msgs if "/data/" in m.topic or "/events/" in m.topic]
-
-
-def assert_every_seq_once_in_content(got: dict[int, set[str]], last: int, allowed_missing: set[int] | None = None) -> None:
-    missing = sorted(set(range(1, last + 1)) - set(got) - (allowed_missing or set()))
-    assert not missing, f"seqs never arrived: {missing[:20]} ({len(missing)} in all)"
-    reused = {s: c for s, c in got.items() if len(c) > 1}
-    assert not reused, f"seq reused for different data: {list(reused.items())[:2]}"
-
-
 def drop_events(msgs: list[Msg]) -> list[dict[str, Any]]:
     out = {}
     for m in msgs:
@@ -93,91 +65,7 @@ def dropped_seqs(events: list[dict[str, Any]]) -> set[int]:
     return {s for ev in events for s in range(ev["first_seq"], ev["last_seq"] + 1)}
 
 
-class Uplink:
-    """A TCP proxy in front of the broker: the station's uplink. It carries at most `rate`
-    bytes/s towards the broker (0: unlimited; a slow rural uplink otherwise); the way back is not
-    limited. A stopped broker cuts every connection. While `closed()`, connections are refused:
-    after a broker restart the test's subscriber is back before the station (as the county
-    center's subscribers are) and sees everything the station sends."""
 
-    def __init__(self, target_port: int, rate: int = 0) -> None:
-        self.target_port = target_port
-        self.rate = rate
-        self.open = threading.Event()
-        self.open.set()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._server.getsockname()[1]
-        self._socks: list[socket.socket] = []
-        self._closed = False
-        threading.Thread(target=self._accept, name="uplink-accept", daemon=True).start()
-
-    def restart_broker(self, broker: Broker, col: Collector, starts: int) -> None:
-        """Restart the broker; let the station in once the subscriber has subscribed again."""
-        self.open.clear()
-        broker.restart()
-        col.wait_subscribed(count=starts, timeout=15)
-        self.open.set()
-
-    def __enter__(self) -> Uplink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._closed = True
-        self._server.close()
-        for s in list(self._socks):
-            s.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            if not self.open.is_set():
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
-            except OSError:
-                client.close()
-                continue
-            self._socks += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, self.rate), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, 0), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, rate: int) -> None:
-        tokens, last = 0.0, time.monotonic()
-        try:
-            while True:
-                if rate:
-                    now = time.monotonic()
-                    tokens = min(rate * 0.05, tokens + (now - last) * rate)
-                    last = now
-                    if tokens < 512:
-                        time.sleep(0.01)
-                        continue
-                data = src.recv(int(tokens) if rate else 65536)
-                if not data:
-                    break
-                tokens -= len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-
-@pytest.fixture
-def uplink(broker: Broker) -> Iterator[Uplink]:
-    """An unlimited uplink from the station to the `broker` fixture."""
-    with Uplink(broker.port) as u:
-        yield u
 
 
 # -- outage -----------------------------------------------------------------------------------

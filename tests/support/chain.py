@@ -15,6 +15,7 @@ from drivers.model import DataType, Point
 from simulator.device import Fault, SimDevice
 from simulator.physics import PvPlant, SimClock, Sun
 
+from .collector import Msg
 from .procs import Proc
 
 Starter = Callable[..., Proc]
@@ -147,3 +148,31 @@ def buffer_seqs(path: Path) -> tuple[int, set[int]]:
     finally:
         db.close()
     return (last[0] if last else 0), kept
+
+
+def records(msgs: list[Msg]) -> tuple[dict[int, set[str]], int]:
+    """seq -> the distinct contents that carried it, and how many times seqs arrived in all."""
+    out: dict[int, set[str]] = {}
+    arrivals = 0
+    for m in msgs:
+        body = m.json()
+        if "readings" in body:
+            for r in body["readings"]:
+                out.setdefault(r["seq"], set()).add(json.dumps([body["device"], r["ts"], r["values"], r["q"]], sort_keys=True))
+                arrivals += 1
+        elif "seq" in body:
+            ev = {k: v for k, v in body.items() if k not in ("replay", "resend")}
+            out.setdefault(body["seq"], set()).add(json.dumps(ev, sort_keys=True))
+            arrivals += 1
+    return out, arrivals
+
+
+def data_and_events(msgs: list[Msg]) -> list[Msg]:
+    return [m for m in msgs if "/data/" in m.topic or "/events/" in m.topic]
+
+
+def assert_every_seq_once_in_content(got: dict[int, set[str]], last: int, allowed_missing: set[int] | None = None) -> None:
+    missing = sorted(set(range(1, last + 1)) - set(got) - (allowed_missing or set()))
+    assert not missing, f"seqs never arrived: {missing[:20]} ({len(missing)} in all)"
+    reused = {s: c for s, c in got.items() if len(c) > 1}
+    assert not reused, f"seq reused for different data: {list(reused.items())[:2]}"
