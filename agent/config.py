@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,37 +227,14 @@ def _tls(node: LDict, chk: Checker) -> TlsConfig | None:
 def _check_tls_material(tls: LDict, files: dict[str, str | None], readable: dict[str, bool],
                         key_password: str | None, chk: Checker) -> None:
     """Load the files the way the publisher will, so a wrong or mismatched file fails `check`, not the first connect."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ca = files["ca_file"]
-    if ca is not None and readable["ca_file"]:
-        try:
-            ctx.load_verify_locations(cafile=ca)
-        except (ssl.SSLError, ValueError) as err:
-            chk.problem(chk.line_of(tls, "ca_file"), "mqtt.tls.ca_file",
-                        f"{ca} is not a PEM certificate (-----BEGIN CERTIFICATE-----): {_ssl_reason(err)}")
-    cert, key = files["cert_file"], files["key_file"]
-    if cert is not None and key is not None and readable["cert_file"] and readable["key_file"]:
-        encrypted = b"ENCRYPTED" in Path(key).read_bytes()  # PKCS#8 and traditional PEM both say so
-        if encrypted and not key_password and "key_password" not in tls and "key_password_file" not in tls:
-            chk.problem(chk.line_of(tls, "key_file"), "mqtt.tls.key_file",
-                        f"{key} is encrypted; give its pass phrase in key_password_file "
-                        "(or key_password: ${ENV_NAME})")
-            return
-        try:
-            # A callable, never None: with None OpenSSL would prompt on the terminal for the
-            # pass phrase of an encrypted key, and `check` (or systemd) would hang.
-            ctx.load_cert_chain(cert, key, password=lambda: key_password or "")
-        except (ssl.SSLError, ValueError) as err:
-            why = "wrong pass phrase for the key, or " if encrypted else ""
-            chk.problem(chk.line_of(tls, "cert_file"), "mqtt.tls.cert_file",
-                        f"{cert} with key {key} cannot be used: {_ssl_reason(err)} ({why}expected a "
-                        "PEM certificate and the PEM key that belongs to it)")
+    from agent.tls import TlsSetupError, tls_context  # agent.tls imports this module
 
-
-def _ssl_reason(err: Exception) -> str:
-    reason = getattr(err, "reason", None)
-    text = str(reason) if reason else str(err)
-    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", text).replace("_", " ").lower()
+    if not all(readable[k] for k in ("ca_file", "cert_file", "key_file") if files[k] is not None):
+        return  # already reported
+    try:
+        tls_context(TlsConfig(files["ca_file"] or "", files["cert_file"], files["key_file"], key_password))
+    except TlsSetupError as err:
+        chk.problem(chk.line_of(tls, err.key), f"mqtt.tls.{err.key}", str(err))
 
 
 def _readable(value: str, node: LDict, key: str, path: str, chk: Checker) -> bool:

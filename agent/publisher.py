@@ -21,26 +21,34 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import socket
 import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import itemgetter
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
-from agent.buffer import KIND_DATA, Buffer, Row
-from agent.config import SiteConfig, TlsConfig
+from agent.buffer import Buffer
+from agent.config import SiteConfig
 from agent.logutil import RateLimitedLog
+from agent.messages import (
+    BACKLOG,
+    LIVE,
+    RESEND,
+    Message,
+    MessageBuilder,
+    Topics,
+    dumps,
+    meta_payload,
+)
+from agent.tls import TlsSetupError, tls_context
 from drivers.errors import ConfigError, Problem, StorageError
 
 log = logging.getLogger(__name__)
@@ -48,9 +56,7 @@ log = logging.getLogger(__name__)
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0
 LOOP_TIMEOUT_S = 0.02
-MAX_PAYLOAD_BYTES = 128 * 1024  # fits the smallest common broker limit (AWS IoT: 128 KiB)
 FETCH_ROWS_MIN = 500
-GROUP_MIN_ROWS = 500  # a window this large is a backlog: batch per device
 FETCH_ROWS_MAX = 20_000
 LIVE_RESERVE = 2  # window slots the backlog leaves to live data
 TARGET_QUEUE_S = 0.5
@@ -60,8 +66,6 @@ RESEND_MAX_SEQS = 100_000
 RESEND_MAX_JOBS = 16
 CommandHandler = Callable[[str, bytes], tuple[str, dict[str, Any]] | None]
 
-LIVE, BACKLOG, RESEND = "live", "backlog", "resend"
-_BODY = itemgetter(4)  # Row.body
 
 
 @dataclass
@@ -75,180 +79,10 @@ class PublishStats:
     last_ack: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class Message:
-    topic: str
-    payload: bytes
-    seqs: list[int]
-    lane: str
-
-
-class Topics:
-    def __init__(self, prefix: str, site: str) -> None:
-        self.base = f"{prefix}/{site}"
-
-    def status(self) -> str:
-        return f"{self.base}/status"
-
-    def meta(self, device: str) -> str:
-        return f"{self.base}/meta/{device}"
-
-    def data(self, device: str) -> str:
-        return f"{self.base}/data/{device}"
-
-    def events(self, device: str) -> str:
-        return f"{self.base}/events/{device}"
-
-    def health(self) -> str:
-        return f"{self.base}/health"
-
-    def cmd(self) -> str:
-        return f"{self.base}/cmd/+"
-
-    def reply(self, name: str) -> str:
-        return f"{self.base}/reply/{name}"
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _obj(head: str, body: str, tail: str) -> str:
-    """One JSON object: our fields, then the stored body's fields spliced in without parsing."""
-    inner = body[1:-1]
-    return "{" + head + ("," + inner if inner else "") + tail + "}"
-
-
-def _size(rows: list[Row]) -> int:
-    """Bytes the rows take in a data message."""
-    return sum(map(len, map(_BODY, rows))) + 48 * len(rows)
-
-
-def _by_run(rows: Sequence[Row]) -> list[list[Row] | Row]:
-    """Runs of consecutive readings of one device; events alone."""
-    out: list[list[Row] | Row] = []
-    for row in rows:
-        last = out[-1] if out else None
-        if row.kind != KIND_DATA:
-            out.append(row)
-        elif isinstance(last, list) and last[0].device == row.device:
-            last.append(row)
-        else:
-            out.append([row])
-    return out
-
-
-def _by_device(rows: Sequence[Row]) -> list[list[Row] | Row]:
-    """Each device's readings together, at the place of its first; events alone."""
-    out: list[list[Row] | Row] = []
-    per: dict[str, list[Row]] = {}
-    for row in rows:
-        if row.kind != KIND_DATA:
-            out.append(row)
-        elif row.device in per:
-            per[row.device].append(row)
-        else:
-            per[row.device] = [row]
-            out.append(per[row.device])
-    return out
-
-
-class MessageBuilder:
-    """Rows -> data/event messages: per device, in seq order, bounded in readings and bytes."""
-
-    def __init__(self, topics: Topics, site: str, batch_max: int, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
-        self.topics = topics
-        self.site_json = json.dumps(site, ensure_ascii=False)
-        self.batch_max = batch_max
-        self.max_bytes = max_bytes
-
-    def build(self, rows: Sequence[Row], lane: str) -> list[Message]:
-        """A window of GROUP_MIN_ROWS rows or more is a backlog: each device's readings go
-        together, messages in the order of their first seq. A smaller window keeps strict seq
-        order: only consecutive readings of one device share a message."""
-        tail = (',"replay":true' if lane != LIVE else "") + (',"resend":true' if lane == RESEND else "")
-        items: list[list[Row] | Row] = []
-        for run in (_by_device(rows) if len(rows) >= GROUP_MIN_ROWS else _by_run(rows)):
-            if isinstance(run, list):
-                items.extend(self._split(run))
-            else:
-                items.append(run)
-        items.sort(key=lambda item: item[0].seq if isinstance(item, list) else item.seq)
-        return [self._data(item, lane, tail) if isinstance(item, list) else self._event(item, lane, tail)
-                for item in items]
-
-    def _split(self, rows: list[Row]) -> list[list[Row]]:
-        """Evenly into as few messages as batch_max and max_bytes allow."""
-        limit = self.max_bytes - 256
-        total = _size(rows)
-        if len(rows) <= self.batch_max and total <= limit:
-            return [rows]
-        per = math.ceil(len(rows) / max(math.ceil(len(rows) / self.batch_max), math.ceil(total / limit)))
-        out: list[list[Row]] = []
-        for i in range(0, len(rows), per):
-            chunk = rows[i:i + per]
-            while _size(chunk) > limit and len(chunk) > 1:  # uneven rows: halve until it fits
-                half = len(chunk) // 2
-                out.extend(self._split(chunk[:half]))
-                chunk = chunk[half:]
-            out.append(chunk)
-        return out
-
-    def _head(self, device: str) -> str:
-        return f'"v":1,"site":{self.site_json},"device":{json.dumps(device, ensure_ascii=False)}'
-
-    def _data(self, rows: list[Row], lane: str, tail: str) -> Message:
-        # Stored bodies are JSON objects with values and q: splice seq and ts in, no parsing.
-        readings = ",".join([f'{{"seq":{r.seq},"ts":{r.ts},{r.body[1:]}' for r in rows])
-        text = "{" + self._head(rows[0].device) + ',"readings":[' + readings + "]" + tail + "}"
-        return Message(self.topics.data(rows[0].device), text.encode(), [r.seq for r in rows], lane)
-
-    def _event(self, row: Row, lane: str, tail: str) -> Message:
-        text = _obj(f'{self._head(row.device)},"seq":{row.seq},"ts":{row.ts}', row.body, tail)
-        return Message(self.topics.events(row.device), text.encode(), [row.seq], lane)
-
-
 @dataclass
 class _ResendJob:
     next_seq: int
     last_seq: int
-
-
-class TlsSetupError(Exception):
-    """The TLS files of mqtt.tls cannot be used; the message names the file and the fix."""
-
-
-def tls_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A client context that verifies the broker against ca_file and presents cert_file/key_file.
-    The key password is always passed (empty if none): an encrypted key must fail, not prompt
-    on a terminal and hang the service (limits.md §3)."""
-    try:
-        ctx = ssl.create_default_context(cafile=tls.ca_file)
-    except (OSError, ssl.SSLError) as err:
-        raise TlsSetupError(f"mqtt.tls.ca_file {tls.ca_file}: cannot load a CA certificate from it ({err})") from err
-    if tls.cert_file is None:
-        return ctx
-    try:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=tls.key_password or "")
-    except ssl.SSLError as err:
-        encrypted = _looks_encrypted(tls.key_file or tls.cert_file)
-        if encrypted and not tls.key_password:
-            hint = "the key is encrypted; set mqtt.tls.key_password_file"
-        elif encrypted:
-            hint = "wrong key password, or the key does not belong to the certificate"
-        else:
-            hint = "not a PEM certificate and matching private key"
-        raise TlsSetupError(f"mqtt.tls.cert_file {tls.cert_file} / key_file {tls.key_file}: {hint} ({err})") from err
-    except OSError as err:
-        raise TlsSetupError(f"mqtt.tls: cannot read {err.filename or tls.cert_file}: {err.strerror}") from err
-    return ctx
-
-
-def _looks_encrypted(path: str) -> bool:
-    try:
-        return "ENCRYPTED" in Path(path).read_text(encoding="ascii", errors="replace")[:4096]
-    except OSError:
-        return False
 
 
 class Publisher:
@@ -289,7 +123,7 @@ class Publisher:
         try:
             self._tls = tls_context(cfg.mqtt.tls) if cfg.mqtt.tls is not None else None
         except TlsSetupError as err:
-            raise ConfigError([Problem(cfg.file, 0, "mqtt.tls", str(err))]) from err
+            raise ConfigError([Problem(cfg.file, 0, f"mqtt.tls.{err.key}", str(err))]) from err
         self.client = self._make_client()
         self._client_used = False
 
@@ -319,7 +153,7 @@ class Publisher:
         return max(FETCH_ROWS_MIN, min(FETCH_ROWS_MAX, self.cfg.mqtt.batch_max * len(self.cfg.devices)))
 
     def _status_payload(self, state: str) -> bytes:
-        return _dumps({"state": state, "ts": int(time.time() * 1000), "version": __version__})
+        return dumps({"state": state, "ts": int(time.time() * 1000), "version": __version__})
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
@@ -421,7 +255,7 @@ class Publisher:
             log.exception("device=_site command %s failed", name)
             answer = (name, {"ok": False, "error": "internal error"})
         if answer is not None:
-            client.publish(self.topics.reply(answer[0]), _dumps(answer[1]), qos=1)
+            client.publish(self.topics.reply(answer[0]), dumps(answer[1]), qos=1)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -601,19 +435,7 @@ class Publisher:
             signature = f"{device.profile.id}|{json.dumps(identity, sort_keys=True)}"
             if self._meta_sent.get(device.id) == signature:
                 continue
-            # A SunSpec device's points are discovered at run time; the poller sends them along.
-            discovered = identity.pop("_points", None)
-            points = discovered if isinstance(discovered, list) else [
-                {"key": p.key, "unit": p.unit, "type": p.type.name_,
-                 **({"counter": True} if p.counter else {}),
-                 **({"enum": {str(k): v for k, v in p.enum}} if p.enum else {}),
-                 **({"bits": {str(k): v for k, v in p.bits}} if p.bits else {})}
-                for p in device.profile.points if p.publish]
-            payload = _dumps({
-                "v": 1, "site": self.site, "device": device.id, "profile": device.profile.id,
-                "name": device.profile.name, "unit": device.unit, "link": device.link,
-                "interval_s": device.interval_s, "identity": identity, "points": points,
-            })
+            payload = meta_payload(self.site, device, identity)
             info = self.client.publish(self.topics.meta(device.id), payload, qos=1, retain=True)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._meta_sent[device.id] = signature
@@ -625,7 +447,7 @@ class Publisher:
         if now < self._next_health:
             return
         self._next_health = now + self.cfg.agent.health_interval_s
-        self.client.publish(self.topics.health(), _dumps(self.health_source()), qos=1)
+        self.client.publish(self.topics.health(), dumps(self.health_source()), qos=1)
 
     def _shutdown(self) -> None:
         if self._connected:

@@ -45,7 +45,8 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent.buffer import Buffer  # noqa: E402
 from agent.config import load_site  # noqa: E402
-from agent.publisher import BACKLOG, MessageBuilder, Publisher, Topics  # noqa: E402
+from agent.messages import BACKLOG, MessageBuilder, Topics  # noqa: E402
+from agent.publisher import Publisher  # noqa: E402
 from drivers.devicemap import ProfileLibrary  # noqa: E402
 from drivers.model import Reading, Value  # noqa: E402
 
