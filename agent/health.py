@@ -24,6 +24,7 @@ def links_and_devices(agent: Agent, values: bool, detail: bool) -> tuple[dict[st
         s = worker.client.stats
         links[lid] = {"transactions": s.transactions, "errors": s.errors, "timeouts": s.timeouts,
                       "mean_response_ms": round(s.mean_response_ms, 1), "reconnects": s.reconnects,
+                      "late_frames": s.late_frames, "drain_s": round(s.drain_s_total, 1),
                       "connected": worker.client.connected}
         if detail:
             links[lid].update({"type": worker.link.type.value, "endpoint": worker.link.endpoint,
@@ -32,7 +33,8 @@ def links_and_devices(agent: Agent, values: bool, detail: bool) -> tuple[dict[st
             overruns += st.overruns
             dev: dict[str, Any] = {"online": bool(st.online), "last_good_ts": st.last_good_ms,
                                    "consecutive_failures": st.failures, "polls": st.polls,
-                                   "failed_polls": st.failed_polls, "overruns": st.overruns}
+                                   "failed_polls": st.failed_polls, "overruns": st.overruns,
+                                   "busy_answers": st.busy_answers, "bus_s": round(st.bus_s, 1)}
             if detail:
                 dev.update({"state": {True: "online", False: "offline", None: "unknown"}[st.online],
                             "link": lid, "unit": st.device.unit, "profile": st.device.profile.id,
@@ -74,7 +76,7 @@ def health_message(agent: Agent) -> dict[str, Any]:
         "disk_free_bytes": disk_free(agent),
         "mqtt": {"connected": pub.connected, "messages": pub.stats.messages,
                  "acked_rows": pub.stats.acked_rows, "connects": pub.stats.connects,
-                 "resent_rows": int(getattr(pub.stats, "resent_rows", 0))},
+                 "replayed_rows": pub.stats.replayed_rows, "resent_rows": pub.stats.resent_rows},
         "reloads": agent.reloads,
         "commands": {"handled": agent.commands.handled, "refused": agent.commands.refused},
         **({"watchdog_stalled": agent.supervision.stalled} if agent.supervision.watchdog is not None else {}),
