@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `pvgate check ... | head`: the reader left; no traceback, and none at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
 
 
 def _parser() -> argparse.ArgumentParser:
