@@ -19,6 +19,7 @@ from agent.buffer import KIND_DROP, KIND_EVENT, Buffer, PartialWrite, Row
 from agent.writer import BufferWriter
 from drivers.errors import StorageError
 from drivers.model import Event, Reading, Value
+from support.fs import small_tmpfs
 
 DAY_MS = 86_400_000
 
@@ -261,18 +262,8 @@ def test_writer_stop_commits_what_is_queued(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs mounted for this test (root only; CI runs as root)."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("the disk-full tests need root to mount a tmpfs [CI=true: refusing to skip]")
-        pytest.skip("the disk-full tests mount a small tmpfs, which needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path, 4) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(path: Path, leave_bytes: int) -> Path:

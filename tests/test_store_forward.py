@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,18 +20,28 @@ from typing import Any
 
 import pytest
 
+from agent import publisher as publisher_mod
 from agent.buffer import Buffer
 from agent.config import load_site
-from agent import publisher as publisher_mod
 from agent.publisher import Publisher
 from drivers.model import Event, Reading
 from support.broker import Broker
-from support.chain import (SimDev, assert_every_seq_once_in_content, buffer_seqs, data_and_events, records, seqs_of,
-                           start_agent, start_sim, write_site)
-from support.uplink import Uplink
+from support.chain import (
+    SimDev,
+    assert_every_seq_once_in_content,
+    buffer_seqs,
+    data_and_events,
+    records,
+    seqs_of,
+    start_agent,
+    start_sim,
+    write_site,
+)
 from support.collector import Collector, Msg, publish
+from support.fs import small_tmpfs
 from support.ports import free_port
 from support.procs import Proc
+from support.uplink import Uplink
 
 CollectorFactory = Callable[..., Collector]
 ProcStarter = Callable[..., Proc]
@@ -210,19 +219,8 @@ def test_small_buffer_fills_during_an_outage(tmp_path: Path, broker: Broker, upl
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 6 MiB tmpfs for this test (needs root; CI runs as root). Unmounted lazily at teardown,
-    so a process still holding a file cannot keep it mounted."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("the disk-full test needs root to mount a tmpfs [CI=true: refusing to skip]")
-        pytest.skip("the disk-full test mounts a small tmpfs, which needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path, 6) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def free_bytes(path: Path) -> int:
