@@ -46,8 +46,8 @@ from agent.logutil import RateLimitedLog
 from agent.poller import DeviceState, LinkWorker
 from agent.publisher import Publisher
 from agent.sdnotify import SdNotifier
-from agent.supervision import Supervision
 from agent.status import StatusServer, socket_path
+from agent.supervision import Supervision
 from agent.writer import BufferWriter
 from drivers.errors import ConfigError, PvgateError
 from drivers.model import Device, Event, Value

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.chain import SimDev, buffer_seqs, mismatches, readings, seqs_of, sim_device, start_agent, start_sim, write_site
+from support.chain import (
+    SimDev,
+    buffer_seqs,
+    mismatches,
+    readings,
+    seqs_of,
+    sim_device,
+    start_agent,
+    start_sim,
+    write_site,
+)
 from support.collector import MosquittoSub
 from support.ports import free_port
 

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from support.broker import Broker
-from support.collector import Collector
-from support.procs import Proc
 from support.chain import SimDev, start_agent, start_sim, write_site
+from support.collector import Collector
 from support.ports import free_port
+from support.procs import Proc
 
 DEVICES = [SimDev("inv01", 1, "huawei-sun2000")]
 

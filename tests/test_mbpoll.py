@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.ports import free_port
-from support.procs import Proc, require_tool
 
 from agent.poller import LinkWorker
 from drivers.codec import encode_point
@@ -29,6 +27,8 @@ from drivers.decode import decode_blocks
 from drivers.devicemap import ProfileLibrary
 from drivers.model import Block, Device, Link, LinkType, Reading, SerialSettings, Value
 from drivers.plan import plan_device
+from support.ports import free_port
+from support.procs import Proc, require_tool
 
 PY = sys.executable
 ProcStarter = Callable[..., Proc]

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from support.broker import Broker
-from support.procs import Proc
 from support.chain import SimDev, agent_cmd, start_sim, write_site
 from support.ports import free_port
+from support.procs import Proc
 
 DEVICES = [SimDev("inv01", 1, "huawei-sun2000")]
 WATCHDOG_USEC = 1_000_000

@@ -6,10 +6,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support.chain import (SimDev, assert_every_seq_once_in_content, buffer_seqs, data_and_events, records, seqs_of,
-                           start_agent, start_sim, write_site)
-from support.uplink import Uplink
+from support.chain import (
+    SimDev,
+    assert_every_seq_once_in_content,
+    buffer_seqs,
+    data_and_events,
+    records,
+    seqs_of,
+    start_agent,
+    start_sim,
+    write_site,
+)
 from support.ports import free_port
+from support.uplink import Uplink
 
 DEVICES = [SimDev("inv01", 1, "huawei-sun2000"), SimDev("meter", 11, "chint-dtsu666")]
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
-from support.ports import free_port
 
 from agent.poller import LinkWorker
 from drivers.devicemap import ProfileLibrary
@@ -31,6 +30,7 @@ from drivers.model import (
 from simulator.device import Fault, SimDevice
 from simulator.physics import PvPlant, SimClock
 from simulator.server import Bus, Listen, serve_tcp
+from support.ports import free_port
 
 T = TypeVar("T")
 TIMEOUT = 0.02

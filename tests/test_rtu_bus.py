@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.collector import Collector, Msg
-from support.ports import free_port
-from support.procs import Proc, require_tool
 
 from drivers.errors import DeviceError, LinkError
 from drivers.link import LinkClient
 from drivers.model import Link, LinkType, SerialSettings, Table
+from support.collector import Collector, Msg
+from support.ports import free_port
+from support.procs import Proc, require_tool
 
 PY = sys.executable
 ProcStarter = Callable[..., Proc]

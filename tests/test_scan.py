@@ -20,6 +20,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from test_sunspec import ServerThread
 
 from drivers.codec import decode_point
 from drivers.devicemap import ProfileLibrary
@@ -29,7 +30,6 @@ from simulator.physics import PvPlant, SimClock, Sun
 from simulator.server import Listen
 from simulator.sunspec import make_sim_device
 from support.procs import require_tool
-from test_sunspec import ServerThread
 
 TZ = "Asia/Shanghai"
 NOON = datetime(2026, 6, 21, 12, 0, tzinfo=ZoneInfo(TZ)).timestamp()

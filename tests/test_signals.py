@@ -14,12 +14,22 @@ from typing import Any
 from agent.buffer import Buffer
 from drivers.model import Reading
 from support.broker import Broker
-from support.collector import Collector
-from support.procs import Proc
-from support.chain import (SimDev, agent_cmd, assert_every_seq_once_in_content, buffer_seqs, data_and_events, readings,
-                           records, seqs_of, start_agent, start_sim, write_site)
-from support.collector import MosquittoSub
+from support.chain import (
+    SimDev,
+    agent_cmd,
+    assert_every_seq_once_in_content,
+    buffer_seqs,
+    data_and_events,
+    readings,
+    records,
+    seqs_of,
+    start_agent,
+    start_sim,
+    write_site,
+)
+from support.collector import Collector, MosquittoSub
 from support.ports import free_port
+from support.procs import Proc
 
 INV = SimDev("inv01", 1, "huawei-sun2000")
 METER = SimDev("meter", 11, "chint-dtsu666")

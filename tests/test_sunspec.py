@@ -22,7 +22,16 @@ from drivers.errors import DeviceError
 from drivers.link import LinkClient
 from drivers.model import Link, LinkType, Table, Value
 from drivers.plan import block_values, plan_device, plan_reads
-from drivers.sunspec import (MARKER, MODELS, Discovery, DiscoveryError, ModelRef, device_map, discover, without_scale_factors)
+from drivers.sunspec import (
+    MARKER,
+    MODELS,
+    Discovery,
+    DiscoveryError,
+    ModelRef,
+    device_map,
+    discover,
+    without_scale_factors,
+)
 from simulator.device import SimDevice
 from simulator.physics import PvPlant, SimClock, Sun
 from simulator.server import Bus, Listen, SerialListener, serve_tcp

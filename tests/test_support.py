@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from support.broker import Broker, BrokerError
-from support.collector import Collector, Msg, MosquittoSub, publish
+from support.collector import Collector, MosquittoSub, Msg, publish
 from support.ports import free_port, port_accepts, port_bindable
 from support.procs import Proc
 
