@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -155,12 +154,10 @@ def run_command(args: argparse.Namespace, body: Any) -> int:
     """Run a command; user mistakes and dead links end in one clear line and an exit code."""
     if not getattr(args, "verbose", False):
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # Configuration errors, a closed pipe and Ctrl-C are handled by `pvgate`'s main().
     try:
         code: int = asyncio.run(body(args))
         return code
-    except ConfigError as err:
-        print("\n".join(str(p) for p in err.problems), file=sys.stderr)
-        return EX_CONFIG
     except UsageError as err:
         print(f"pvgate: {err}", file=sys.stderr)
         return EX_USAGE
@@ -171,11 +168,6 @@ def run_command(args: argparse.Namespace, body: Any) -> int:
     except (DeviceError, DiscoveryError) as err:
         print(f"pvgate: {err}", file=sys.stderr)
         return EX_NOT_FOUND
-    except BrokenPipeError:  # `pvgate read ... | head`: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EX_OK
-    except KeyboardInterrupt:
-        return 130
 
 
 # --- reading --------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from typing import Any, TextIO
 from agent.probe import (
     EX_NOT_FOUND,
     EX_OK,
-    EX_USAGE,
     Probe,
     add_link_options,
     add_read,
@@ -314,16 +313,10 @@ def _span(units: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m agent.scan scan ...`) until `pvgate` registers these commands."""
-    parser = argparse.ArgumentParser(prog="pvgate", description="commissioning: scan a link, read a device")
-    sub = parser.add_subparsers(metavar="COMMAND")
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.print_help()
-        return EX_USAGE
-    code: int = args.func(args)
-    return code
+    """`python -m agent.scan scan|read ...`: the same as `pvgate scan|read ...`."""
+    from agent.cli import main as pvgate_main
+
+    return pvgate_main(argv)
 
 
 if __name__ == "__main__":

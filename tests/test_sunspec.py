@@ -37,6 +37,7 @@ from simulator.physics import PvPlant, SimClock, Sun
 from simulator.server import Bus, Listen, SerialListener, serve_tcp
 from simulator.sunspec import SunSpecSimDevice, make_sim_device
 from support.ports import free_port
+from support.sunspec import same_as_pysunspec2
 
 TZ = "Asia/Shanghai"
 NOON = datetime(2026, 6, 21, 12, 0, tzinfo=ZoneInfo(TZ)).timestamp()
@@ -415,11 +416,7 @@ def test_pysunspec2_and_pvgate_read_the_same_values(sunspec_server: tuple[int, S
                         "firmware": common.Vr.value, "rated_power_kw": plate.WRtg.cvalue / 1000.0}
     assert identity["model"] == "SIM-SUNSPEC-50" and identity["manufacturer"] == "pvgate"
 
-    def same(key: str, point: Any, factor: float = 1.0) -> None:
-        want = point.cvalue * factor
-        step = 10.0 ** (point.sf_value or 0) * abs(factor) if point.sf else 1e-6 * abs(want)
-        assert got[key] == pytest.approx(want, abs=step + 1e-9), (key, got[key], want)
-
+    same = same_as_pysunspec2(got)
     same("ac_power", inv.W, 0.001)
     same("energy_total", inv.WH, 0.001)
     same("grid_frequency", inv.Hz)

@@ -10,6 +10,7 @@ import pytest
 
 from support.chain import SimDev, readings, start_agent, start_sim, write_site
 from support.ports import free_port
+from support.sunspec import same_as_pysunspec2
 
 DEV = SimDev("ss01", 1, "sunspec", 50.0)
 
@@ -39,11 +40,7 @@ def test_published_sunspec_values_match_pysunspec2(tmp_path: Path, broker, colle
     got = readings([m for m in msgs if "/data/" in m.topic])[-1]["values"]
     inv, meter, mppt = ss.models[103][0], ss.models[203][0], ss.models[160][0]
 
-    def same(key: str, point: Any, factor: float = 1.0) -> None:
-        want = point.cvalue * factor
-        step = 10.0 ** (point.sf_value or 0) * abs(factor) if point.sf else 1e-6 * abs(want)
-        assert got[key] == pytest.approx(want, abs=step + 1e-9), (key, got[key], want)
-
+    same = same_as_pysunspec2(got)
     same("ac_power", inv.W, 0.001)
     same("energy_total", inv.WH, 0.001)
     same("grid_frequency", inv.Hz)
