@@ -21,9 +21,8 @@ def test_health_message_carries_every_field(
     port = free_port()
     start_sim(procs, port, DEVICES, speed=60)
     site = write_site(tmp_path / "site.yaml", site_id="hl", broker_port=broker.port, modbus_port=port,
-                      devices=[*DEVICES, SimDev("ghost", 42, "chint-dtsu666")], interval="500ms", timeout="0.2s")
-    site.write_text(site.read_text(encoding="utf-8").replace("health_interval: 5s", "health_interval: 1s"),
-                    encoding="utf-8")
+                      devices=[*DEVICES, SimDev("ghost", 42, "chint-dtsu666")], interval="500ms", timeout="0.2s",
+                      health_interval="1s")
     col = collector_factory(["pvgate/hl/health"])
     start_agent(procs, site)
     msgs = col.wait_for(lambda ms: len(ms) >= 4 and not ms[-1].json()["devices"]["ghost"]["online"]

@@ -33,14 +33,14 @@ class SimDev:
 
 def write_site(path: Path, *, site_id: str, broker_port: int, modbus_port: int, devices: Sequence[SimDev],
                interval: str = "1s", buffer: Path | None = None, extra_mqtt: str = "", extra: str = "",
-               link_type: str = "tcp", timeout: str = "0.5s") -> Path:
+               link_type: str = "tcp", timeout: str = "0.5s", health_interval: str = "5s") -> Path:
     buffer = buffer or path.parent / "buffer.sqlite"
     lines = [
         "site:", f"  id: {site_id}", "  name: 测试电站 test station", "  timezone: Asia/Shanghai",
         "mqtt:", "  host: 127.0.0.1", f"  port: {broker_port}", "  topic_prefix: pvgate",
         *(f"  {line}" for line in extra_mqtt.splitlines() if line.strip()),
         "buffer:", f"  path: {buffer}", "  commit_interval: 0.2s",
-        "agent:", f"  state_dir: {path.parent}", "  health_interval: 5s",
+        "agent:", f"  state_dir: {path.parent}", f"  health_interval: {health_interval}",
         "links:", f"  - {{id: lan, type: {link_type}, host: 127.0.0.1, port: {modbus_port}, timeout: {timeout}}}",
         "devices:",
         *(f"  - {{id: {d.id}, link: lan, unit: {d.unit}, profile: {d.profile}, interval: {interval}}}" for d in devices),
