@@ -85,17 +85,21 @@ def test_start_while_broker_down_buffers_from_first_poll(tmp_path: Path, broker_
     broker = broker_factory(start=False)
     port = free_port()
     start_sim(procs, port, DEVICES, speed=60)
-    site = write_site(tmp_path / "site.yaml", site_id="coldstart", broker_port=broker.port, modbus_port=port,
-                      devices=DEVICES, interval="500ms")
-    agent = start_agent(procs, site)
-    time.sleep(4)
-    buffered, _ = buffer_seqs(tmp_path / "buffer.sqlite")
-    assert buffered >= 4, "readings are buffered from the first poll, broker or not"
-    broker.start()
-    col = collector_factory(["pvgate/coldstart/#"], broker=broker)
-    col.wait_for(lambda ms: set(range(1, buffered + 1)) <= set(seqs_of(_data_and_events(col, "coldstart"))),
-                 timeout=40, desc="everything buffered before the broker came up")
-    agent.terminate(timeout=15)
+    with Uplink(broker.port) as uplink:
+        # The station reaches the broker only once the test's subscriber is there (see the outage test).
+        uplink.open.clear()
+        site = write_site(tmp_path / "site.yaml", site_id="coldstart", broker_port=uplink.port, modbus_port=port,
+                          devices=DEVICES, interval="500ms")
+        agent = start_agent(procs, site)
+        time.sleep(4)
+        buffered, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+        assert buffered >= 4, "readings are buffered from the first poll, broker or not"
+        broker.start()
+        col = collector_factory(["pvgate/coldstart/#"], broker=broker)
+        uplink.open.set()
+        col.wait_for(lambda ms: set(range(1, buffered + 1)) <= set(seqs_of(_data_and_events(col, "coldstart"))),
+                     timeout=40, desc="everything buffered before the broker came up")
+        agent.terminate(timeout=15)
     last, _ = buffer_seqs(tmp_path / "buffer.sqlite")
     time.sleep(0.5)
     _assert_complete(col, "coldstart", last)
