@@ -82,13 +82,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="mosquitto if installed (auto), or the embedded amqtt broker (pip install 'pvgate[demo]')")
     demo.set_defaults(func=cmd_demo)
 
-    from agent import commissioning  # the commissioning commands live in their own module
+    from agent.commission import commissioning  # the commissioning commands live in their own module
 
     commissioning.add_commands(sub)
-    from agent import status  # `pvgate status` lives beside the agent's status socket
+    from agent.service import status  # `pvgate status` lives beside the agent's status socket
 
     status.add_command(sub)
-    from agent import scan  # `pvgate scan` and `pvgate read`, for commissioning
+    from agent.commission import scan  # `pvgate scan` and `pvgate read`, for commissioning
 
     scan.add_commands(sub)
     return p
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_site(args.config)
     setup_logging(cfg.agent.log_level)
-    from agent.runtime import Agent
+    from agent.service.runtime import Agent
 
     agent = Agent(cfg)
     return asyncio.run(agent.run())
@@ -118,14 +118,14 @@ def _print_summary(cfg: SiteConfig) -> None:
         print(f"  link {link.id} ({link.type.value} {link.endpoint}): {len(devs)} device(s)")
         for d in devs:
             print(f"    {d.id}: unit {d.unit}, {d.profile.id}, every {d.interval_s:g}s, {len(d.profile.points)} points")
-    from agent.budget import budget_warnings
+    from agent.commission.budget import budget_warnings
 
     for warning in budget_warnings(cfg):
         print(f"  warning: {warning}")
 
 
 def _open_buffer(args: argparse.Namespace) -> "tuple[SiteConfig, object]":
-    from agent.buffer import Buffer
+    from agent.store.buffer import Buffer
 
     cfg = load_site(args.config)
     path = Path(cfg.buffer.path)
@@ -135,7 +135,7 @@ def _open_buffer(args: argparse.Namespace) -> "tuple[SiteConfig, object]":
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
-    from agent.buffer import Buffer
+    from agent.store.buffer import Buffer
 
     cfg, buf = _open_buffer(args)
     assert isinstance(buf, Buffer)
@@ -164,7 +164,7 @@ def _parse_time(text: str) -> int:
 
 
 def cmd_buffer_export(args: argparse.Namespace) -> int:
-    from agent.buffer import Buffer
+    from agent.store.buffer import Buffer
 
     _, buf = _open_buffer(args)
     assert isinstance(buf, Buffer)
@@ -181,7 +181,7 @@ def cmd_buffer_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.commission.demo import run_demo
 
     return run_demo(seconds=args.seconds, speed=args.speed, workdir=args.dir, broker=args.broker)
 

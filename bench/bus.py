@@ -9,7 +9,7 @@ LinkWorker and LinkClient poll them from the other end, ticked every interval li
 scheduler. Printed:
 
 1. the measured full cycle (tick to the last device's reading, mean over the healthy cycles),
-   the wire-limit minimum for the same reads (limits.md §1, agent/budget.py, with the
+   the wire-limit minimum for the same reads (limits.md §1, agent/commission/budget.py, with the
    simulator's turnaround) and their ratio (target <= 1.15);
 2. with 3 of the 30 inverters silent: the live devices' cycle (tick to the last live device's
    reading), per phase (first cycle, detection until offline, steady state with backoff
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.budget import device_cycle_seconds
+from agent.commission.budget import device_cycle_seconds
 from agent.poller import LinkWorker
 from drivers.devicemap import ProfileLibrary
 from drivers.model import Device, Event, Link, LinkType, Reading, SerialSettings

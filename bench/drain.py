@@ -3,7 +3,7 @@
     python bench/drain.py                       # ~2-3 minutes, ~1.5 GB of disk in a temp dir
     python bench/drain.py --devices 10 --cycles 1000
 
-The buffer file is filled straight through agent.buffer.Buffer with Huawei SUN2000-sized readings
+The buffer file is filled straight through agent.store.buffer.Buffer with Huawei SUN2000-sized readings
 (34 values, ~750 bytes of JSON). Then, against a mosquitto started here on a free port:
 
 1. drain: pvgate's own Publisher (site file loaded with agent.config.load_site) publishes the
@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.buffer import Buffer  # noqa: E402
 from agent.config import load_site  # noqa: E402
-from agent.messages import BACKLOG, MessageBuilder, Topics  # noqa: E402
-from agent.publisher import Publisher  # noqa: E402
+from agent.store.buffer import Buffer  # noqa: E402
+from agent.uplink.messages import BACKLOG, MessageBuilder, Topics  # noqa: E402
+from agent.uplink.publisher import Publisher  # noqa: E402
 from drivers.devicemap import ProfileLibrary  # noqa: E402
 from drivers.model import Reading, Value  # noqa: E402
 
@@ -210,7 +210,7 @@ def fill(buf: Buffer, devices: int, cycles: int) -> float:
 def drain(cfg_path: Path, buf: Buffer, backlog: int, port: int) -> dict[str, Any]:
     cfg = load_site(cfg_path)
     sub = SubscriberProc(port)
-    pub = Publisher(cfg, buf)
+    pub = Publisher(cfg.uplink(), buf)
     inserted: dict[int, float] = {}
     stop_live = threading.Event()
 

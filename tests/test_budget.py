@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.budget import link_budget, transaction_seconds
+from agent.commission.budget import link_budget, transaction_seconds
 from agent.config import load_site
 from drivers.link import char_seconds
 from drivers.model import Block, DataType, Point, Table

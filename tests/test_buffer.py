@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import writer as writer_mod
-from agent.buffer import KIND_DROP, KIND_EVENT, Buffer, PartialWrite, Row
-from agent.writer import BufferWriter
+from agent.store import writer as writer_mod
+from agent.store.buffer import Buffer, PartialWrite
+from agent.store.rows import KIND_DROP, KIND_EVENT, Row
+from agent.store.writer import BufferWriter
 from drivers.errors import StorageError
 from drivers.model import Event, Reading, Value
 from support.fs import small_tmpfs
@@ -65,7 +66,7 @@ def test_seq_survives_a_process_that_dies_without_closing(tmp_path: Path) -> Non
     path = tmp_path / "b.sqlite"
     code = (
         "import os, sys, time\n"
-        "from agent.buffer import Buffer\n"
+        "from agent.store.buffer import Buffer\n"
         "from drivers.model import Reading\n"
         f"b = Buffer({str(path)!r}, max_mb=8, min_free_mb=0)\n"
         "seqs = b.append([Reading('inv01', 1, {'x': i}, []) for i in range(5)])\n"

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.commands import MAX_COMMAND_BYTES, CommandHandler
-from agent.publisher import Publisher
+from agent.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
+from agent.uplink.publisher import Publisher
 from support.broker import Broker, require_mosquitto
 from support.chain import SimDev, readings, seqs_of, start_agent, start_sim, write_site
 from support.collector import Collector, publish

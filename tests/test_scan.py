@@ -2,7 +2,7 @@
 
 The bus serves four units of different vendors: Huawei (1), Sungrow (2), a SunSpec device (5)
 and a Chint meter (11), at 9600 baud wire timing. The commands run as subprocesses, as a
-technician runs them (`python -m agent.scan` until `pvgate` registers them).
+technician runs them (`pvgate scan`, `pvgate read`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def rtu_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RtuBus]:
 
 
 def pvgate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.scan", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=CMD_TIMEOUT_S)
 
 
@@ -186,7 +186,7 @@ class _FakeProbe:
 def test_uniform_answers_match_no_shipped_map(fill: int) -> None:
     import asyncio
 
-    from agent.scan import judge_map
+    from agent.commission.scan import judge_map
 
     library = ProfileLibrary.default()
     maps = [library.get(i) for i in library.ids() if not library.get(i).sunspec]
@@ -198,7 +198,7 @@ def test_uniform_answers_match_no_shipped_map(fill: int) -> None:
 def test_units_option() -> None:
     import argparse
 
-    from agent.scan import _units
+    from agent.commission.scan import _units
 
     assert _units("1-3,11") == [1, 2, 3, 11]
     assert _units("5") == [5] and _units("1-247")[-1] == 247

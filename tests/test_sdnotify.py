@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.sdnotify import ProgressWatchdog, SdNotifier
+from agent.service.sdnotify import ProgressWatchdog, SdNotifier
 
-LOGGER = "agent.sdnotify"
+LOGGER = "agent.service.sdnotify"
 
 
 def _drain(sock: socket.socket, duration_s: float) -> list[str]:

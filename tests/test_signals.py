@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import Buffer
+from agent.store.buffer import Buffer
 from drivers.model import Reading
 from support.broker import Broker
 from support.chain import (

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from agent import publisher as publisher_mod
-from agent.buffer import Buffer
 from agent.config import load_site
-from agent.publisher import Publisher
+from agent.store.buffer import Buffer
+from agent.uplink import window as window_mod
+from agent.uplink.publisher import Publisher
 from drivers.model import Event, Reading
 from support.broker import Broker
 from support.chain import (
@@ -290,7 +290,7 @@ def test_resend_publishes_kept_rows_again(tmp_path: Path, broker: Broker, collec
     buf = Buffer(cfg.buffer.path, cfg.buffer.max_mb, cfg.buffer.keep_sent_days, 0)
     buf.append([_reading(i) for i in range(60)] + [Event("inv01", 1_764_400_700_000, "offline", {"reason": "test"})])
     col = collector_factory(["pvgate/sf-resend/data/#", "pvgate/sf-resend/events/#"])
-    pub = Publisher(cfg, buf)
+    pub = Publisher(cfg.uplink(), buf)
     pub.start()
     try:
         col.wait_for(lambda ms: set(seqs_of(ms)) >= set(range(1, 62)), timeout=15, desc="first delivery")
@@ -313,7 +313,7 @@ def test_resend_publishes_kept_rows_again(tmp_path: Path, broker: Broker, collec
         assert not ok
         ok, reply = pub.request_resend(1, 10**9)
         assert ok and reply == {"queued_first_seq": 1, "queued_last_seq": 61}, "a range may reach past what is kept"
-        monkeypatch.setattr(publisher_mod, "RESEND_MAX_SEQS", 20)
+        monkeypatch.setattr(window_mod, "RESEND_MAX_SEQS", 20)
         ok, reply = pub.request_resend(5, 10**9)
         assert ok and reply == {"queued_first_seq": 5, "queued_last_seq": 24, "truncated": True,
                                 "next_first_seq": 25, "max_seqs": 20}

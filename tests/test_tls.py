@@ -254,7 +254,7 @@ def test_unusable_certificate_or_key_is_a_clear_error(tmp_path: Path, tls_broker
 def test_tls_context_names_the_file_and_the_fix(tmp_path: Path) -> None:
     """The publisher's own check (a file can change between `pvgate check` and a reconnect)."""
     from agent.config import TlsConfig
-    from agent.tls import TlsSetupError, tls_context
+    from agent.uplink.tls import TlsSetupError, tls_context
 
     pki = make_pki(tmp_path / "pki")
     garbage = tmp_path / "garbage.pem"

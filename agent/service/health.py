@@ -9,14 +9,50 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from agent import __version__
+from agent.config import SiteConfig
+from agent.poller import LinkWorker
+from agent.service.supervision import Supervision
+from agent.store.buffer import Buffer
+from agent.store.writer import BufferWriter
+from agent.uplink.commands import CommandHandler
+from agent.uplink.publisher import Publisher
 
-if TYPE_CHECKING:
-    from agent.runtime import Agent
 
-def links_and_devices(agent: Agent, values: bool, detail: bool) -> tuple[dict[str, Any], dict[str, Any], int]:
+class AgentView(Protocol):
+    """What the snapshots read of the running agent (agent.service.runtime.Agent provides it)."""
+
+    @property
+    def cfg(self) -> SiteConfig: ...
+    @property
+    def workers(self) -> Mapping[str, LinkWorker]: ...
+    @property
+    def buffer(self) -> Buffer: ...
+    @property
+    def writer(self) -> BufferWriter: ...
+    @property
+    def publisher(self) -> Publisher: ...
+    @property
+    def commands(self) -> CommandHandler: ...
+    @property
+    def supervision(self) -> Supervision: ...
+    @property
+    def missed_ticks(self) -> int: ...
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def last_reload(self) -> dict[str, Any] | None: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def reloading(self) -> bool: ...
+
+    def uptime_s(self) -> int: ...
+
+def links_and_devices(agent: AgentView, values: bool, detail: bool) -> tuple[dict[str, Any], dict[str, Any], int]:
     links: dict[str, Any] = {}
     devices: dict[str, Any] = {}
     overruns = 0
@@ -46,7 +82,7 @@ def links_and_devices(agent: Agent, values: bool, detail: bool) -> tuple[dict[st
             devices[did] = dev
     return links, devices, overruns
 
-def buffer_state(agent: Agent, now_ms: int) -> dict[str, Any]:
+def buffer_state(agent: AgentView, now_ms: int) -> dict[str, Any]:
     stats = agent.buffer.stats()
     return {"unsent": stats.unsent, "rows": stats.total, "last_seq": stats.last_seq,
             "oldest_unsent_age_s": (now_ms - stats.oldest_unsent_ts) // 1000 if stats.oldest_unsent_ts else 0,
@@ -54,13 +90,13 @@ def buffer_state(agent: Agent, now_ms: int) -> dict[str, Any]:
             "dropped_unsent": stats.dropped_unsent, "memory_dropped": agent.writer.memory_dropped,
             "held_in_memory": int(getattr(agent.writer, "held_in_memory", 0))}
 
-def disk_free(agent: Agent) -> int | None:
+def disk_free(agent: AgentView) -> int | None:
     try:
         return shutil.disk_usage(agent.buffer.path.parent).free
     except OSError:
         return None
 
-def health_message(agent: Agent) -> dict[str, Any]:
+def health_message(agent: AgentView) -> dict[str, Any]:
     """The P/S/health message (called on the publisher thread)."""
     now_ms = int(time.time() * 1000)
     links, devices, overruns = links_and_devices(agent, values=False, detail=False)
@@ -82,7 +118,7 @@ def health_message(agent: Agent) -> dict[str, Any]:
         **({"watchdog_stalled": agent.supervision.stalled} if agent.supervision.watchdog is not None else {}),
     }
 
-def status_snapshot(agent: Agent, values: bool = True) -> dict[str, Any]:
+def status_snapshot(agent: AgentView, values: bool = True) -> dict[str, Any]:
     """Everything `pvgate status` and the `status` command show (any thread)."""
     now_ms = int(time.time() * 1000)
     cfg = agent.cfg
@@ -91,7 +127,7 @@ def status_snapshot(agent: Agent, values: bool = True) -> dict[str, Any]:
     return {
         "v": 1, "site": cfg.site.id, "name": cfg.site.name, "ts": now_ms, "version": __version__,
         "pid": os.getpid(), "uptime_s": agent.uptime_s(), "config": cfg.file,
-        "state": "stopping" if agent._stopping else ("reloading" if agent._reloading else "running"),
+        "state": "stopping" if agent.stopping else ("reloading" if agent.reloading else "running"),
         "reloads": agent.reloads, "last_reload": agent.last_reload,
         "mqtt": {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls is not None,
                  "connected": pub.connected, "messages": pub.stats.messages,

@@ -10,7 +10,7 @@ is positive evidence (a grid voltage or frequency in range, a readable model or 
 model code). All-zero answers prove nothing. The best match is suggested with its evidence.
 
 The link options, `Probe`, `read_points`, value formatting and the `read` command are in
-agent.probe; `add_commands` registers both commands, and `python -m agent.scan` runs either.
+agent.commission.probe; `add_commands` registers both commands, and `python -m agent.commission.scan` runs either.
 Exit codes: 0 found, 1 nothing found, 64 usage, 69 link unavailable, 78 configuration error.
 """
 
@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from agent.probe import (
+from agent.commission.probe import (
     EX_NOT_FOUND,
     EX_OK,
     Probe,
@@ -310,14 +310,3 @@ def _span(units: list[int]) -> str:
     if units and units == list(range(units[0], units[-1] + 1)):
         return f"{units[0]}-{units[-1]}"
     return ",".join(map(str, units))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m agent.scan scan|read ...`: the same as `pvgate scan|read ...`."""
-    from agent.cli import main as pvgate_main
-
-    return pvgate_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

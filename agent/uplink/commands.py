@@ -42,7 +42,7 @@ Reply = tuple[str, dict[str, Any]]
 
 
 class CommandTarget(Protocol):
-    """What the command handler needs from the agent (agent.runtime.Agent provides it)."""
+    """What the command handler needs from the agent (agent.service.runtime.Agent provides it)."""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None: ...

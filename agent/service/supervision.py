@@ -17,13 +17,45 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from agent.poller import LinkWorker
-from agent.sdnotify import ProgressWatchdog
+from agent.service.sdnotify import ProgressWatchdog, SdNotifier
+from agent.store.rows import Stats
 
-if TYPE_CHECKING:
-    from agent.runtime import Agent
+
+class Progressing(Protocol):
+    @property
+    def last_progress(self) -> float: ...
+
+
+class Publishing(Progressing, Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+
+class StatsSource(Protocol):
+    def stats(self) -> Stats: ...
+
+
+class Supervised(Protocol):
+    """What supervision watches in the running agent (agent.service.runtime.Agent provides it)."""
+
+    @property
+    def notifier(self) -> SdNotifier: ...
+    @property
+    def workers(self) -> Mapping[str, LinkWorker]: ...
+    @property
+    def publisher(self) -> Publishing: ...
+    @property
+    def writer(self) -> Progressing: ...
+    @property
+    def buffer(self) -> StatsSource: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def reloading(self) -> bool: ...
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 30.0
@@ -31,7 +63,7 @@ WEDGE_ENV = "PVGATE_TEST_WEDGE_POLL_AFTER"
 
 
 class Supervision:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Supervised) -> None:
         self.agent = agent
         self.watchdog: ProgressWatchdog | None = None
         self._stop = threading.Event()
@@ -87,7 +119,7 @@ class Supervision:
         definition; a busy one must have finished a poll recently, or have become busy recently.
         Called on the watchdog thread."""
         now = time.monotonic()
-        if self.agent._stopping or self.agent._reloading:
+        if self.agent.stopping or self.agent.reloading:
             self._busy_seen = {}
             return now
         oldest = now

@@ -10,7 +10,7 @@ import re
 import ssl
 from pathlib import Path
 
-from agent.config import TlsConfig
+from agent.uplink.settings import TlsConfig
 from drivers.errors import PvgateError
 
 

@@ -6,15 +6,9 @@ bookkeeping (limits.md §3), and reconnects get the jittered backoff paho lacks.
 uses a fresh paho client: paho's in-memory session dies with the connection instead of being
 re-sent behind our back — the buffer is the only queue.
 
-Three lanes share the in-flight window (mqtt.inflight messages, paho is happiest at 20-100):
-- live: rows that entered the buffer after the connection came up, published as they appear
-  and always first;
-- resend: seq ranges the center asked for (`request_resend`), `"replay": true, "resend": true`;
-- backlog: rows that were unsent when the connection came up, oldest first, `"replay": true`.
-Resend and backlog rows are read in windows of many rows and batched per device (many readings
-per message, at most mqtt.batch_max readings and MAX_PAYLOAD_BYTES). They leave two slots of the
-window to the live lane, and their bytes in flight are capped at what the link carried in the
-last TARGET_QUEUE_S: on a slow uplink a live reading waits behind at most that much backlog.
+Which rows go out next, and their acknowledgement, is the send window's job
+(agent/uplink/window.py); this module owns the MQTT session: connect and back off, status and
+will, meta, health, commands, and a clean goodbye.
 """
 
 from __future__ import annotations
@@ -26,74 +20,39 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
-from agent.buffer import Buffer
-from agent.config import SiteConfig
 from agent.logutil import RateLimitedLog
-from agent.messages import (
-    BACKLOG,
-    LIVE,
-    RESEND,
-    Message,
-    MessageBuilder,
-    Topics,
-    dumps,
-    meta_payload,
-)
-from agent.tls import TlsSetupError, tls_context
-from drivers.errors import ConfigError, Problem, StorageError
+from agent.store.buffer import Buffer
+from agent.uplink.messages import Message, MessageBuilder, Topics, dumps, meta_payload
+from agent.uplink.settings import UplinkConfig
+from agent.uplink.tls import TlsSetupError, tls_context
+from agent.uplink.window import PublishStats, SendWindow
+from drivers.errors import ConfigError, Problem
 
 log = logging.getLogger(__name__)
 
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0
 LOOP_TIMEOUT_S = 0.02
-FETCH_ROWS_MIN = 500
-FETCH_ROWS_MAX = 20_000
-LIVE_RESERVE = 2  # window slots the backlog leaves to live data
-TARGET_QUEUE_S = 0.5
-MIN_BULK_BYTES = 8 * 1024
-MAX_BULK_BYTES = 64 * 1024 * 1024
-RESEND_MAX_SEQS = 100_000
-RESEND_MAX_JOBS = 16
 CommandHandler = Callable[[str, bytes], tuple[str, dict[str, Any]] | None]
 
-
-
-@dataclass
-class PublishStats:
-    messages: int = 0
-    acked_messages: int = 0
-    acked_rows: int = 0
-    replayed_rows: int = 0
-    resent_rows: int = 0
-    connects: int = 0
-    last_ack: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _ResendJob:
-    next_seq: int
-    last_seq: int
 
 
 class Publisher:
     """Owns the paho client and a thread; the buffer is its only source of data."""
 
-    def __init__(self, cfg: SiteConfig, buffer: Buffer,
+    def __init__(self, cfg: UplinkConfig, buffer: Buffer,
                  health: Callable[[], dict[str, Any]] | None = None,
                  commands: CommandHandler | None = None) -> None:
         self.cfg = cfg
         self.buffer = buffer
-        self.site = cfg.site.id
+        self.site = cfg.site_id
         self.topics = Topics(cfg.mqtt.topic_prefix, self.site)
         self.health_source = health
         self.commands = commands
@@ -104,18 +63,8 @@ class Publisher:
         self._connected = False
         self._attempts = 0
         self._next_attempt = 0.0
-        self._inflight: dict[int, Message] = {}
-        self._acked: list[int] = []
-        self._unmarked: list[int] = []
-        self._lanes: dict[str, deque[Message]] = {LIVE: deque(), RESEND: deque(), BACKLOG: deque()}
-        self._live_cursor = 0
-        self._backlog_cursor = 0
-        self._backlog_mark = 0
-        self._bulk_bytes = 0
-        self._ack_log: deque[tuple[float, int]] = deque()  # (when, bytes) of acks in the last second
-        self._acked_bytes = 0
-        self._resend_lock = threading.Lock()
-        self._resend_jobs: deque[_ResendJob] = deque()
+        self.window = SendWindow(buffer, self._builder, cfg.mqtt.inflight,
+                                 cfg.mqtt.batch_max * len(cfg.devices), self.stats)
         self._meta_sent: dict[str, str] = {}
         self._next_health = 0.0
         self._next_meta = 0.0
@@ -123,7 +72,7 @@ class Publisher:
         try:
             self._tls = tls_context(cfg.mqtt.tls) if cfg.mqtt.tls is not None else None
         except TlsSetupError as err:
-            raise ConfigError([Problem(cfg.file, 0, f"mqtt.tls.{err.key}", str(err))]) from err
+            raise ConfigError([Problem(cfg.source, 0, f"mqtt.tls.{err.key}", str(err))]) from err
         self.client = self._make_client()
         self._client_used = False
 
@@ -148,10 +97,6 @@ class Publisher:
         client.on_message = self._on_message
         return client
 
-    @property
-    def fetch_rows(self) -> int:
-        return max(FETCH_ROWS_MIN, min(FETCH_ROWS_MAX, self.cfg.mqtt.batch_max * len(self.cfg.devices)))
-
     def _status_payload(self, state: str) -> bytes:
         return dumps({"state": state, "ts": int(time.time() * 1000), "version": __version__})
 
@@ -163,12 +108,20 @@ class Publisher:
         """Publish what can be published within grace_s, leave status offline, disconnect."""
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
-            if self._connected and not self._inflight and not self.buffer.unsent(0, limit=1):
+            if self._connected and self.window.idle:
                 break
             time.sleep(0.05)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, deadline - time.monotonic() + 3.0))
+
+    def retarget(self, cfg: UplinkConfig, health_changed: bool) -> None:
+        """A reload with the same broker: new devices (meta goes out again), maybe a new health interval."""
+        self.cfg = cfg
+        self._meta_sent.clear()
+        self._next_meta = 0.0
+        if health_changed:
+            self._next_health = 0.0
 
     @property
     def connected(self) -> bool:
@@ -177,33 +130,8 @@ class Publisher:
     # -- resend (the center asks for a seq range again) --------------------------------------
 
     def request_resend(self, first: int, last: int) -> tuple[bool, dict[str, Any]]:
-        """Queue the rows still kept in first..last (sent or not) for publishing again, marked
-        "replay" and "resend". At most RESEND_MAX_SEQS seqs per request; thread-safe, returns
-        at once. (False, {"error": …}) for an invalid range or one with nothing kept."""
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last)):
-            return False, {"error": "first_seq and last_seq must be integers"}
-        if first < 1 or last < first:
-            return False, {"error": f"invalid seq range {first}..{last}: expected 1 <= first_seq <= last_seq"}
-        try:
-            whole = self.buffer.kept_bounds(first, last)
-            if whole is None:
-                kept = self.buffer.kept_bounds(1, 2**62)
-                where = f"; kept now: seq {kept[0]}..{kept[1]}" if kept else "; the buffer is empty"
-                return False, {"error": f"no records kept in seq {first}..{last}{where}"}
-            top = min(last, whole[0] + RESEND_MAX_SEQS - 1)
-            bounds = whole if top >= whole[1] else self.buffer.kept_bounds(whole[0], top)
-        except StorageError as err:
-            return False, {"error": f"buffer not readable: {err}"}
-        assert bounds is not None  # whole[0] itself is kept
-        with self._resend_lock:
-            if len(self._resend_jobs) >= RESEND_MAX_JOBS:
-                return False, {"error": f"busy: {len(self._resend_jobs)} resend requests are still queued"}
-            self._resend_jobs.append(_ResendJob(bounds[0], bounds[1]))
-        log.info("device=_site resend of seq %d..%d queued (kept: %d..%d)", first, last, *bounds)
-        reply: dict[str, Any] = {"queued_first_seq": bounds[0], "queued_last_seq": bounds[1]}
-        if top < whole[1]:
-            reply.update(truncated=True, next_first_seq=top + 1, max_seqs=RESEND_MAX_SEQS)
-        return True, reply
+        """Queue seq first..last for publishing again (see SendWindow.request_resend); thread-safe."""
+        return self.window.request_resend(first, last)
 
     # -- paho callbacks (run on our own thread, inside client.loop()) ------------------------
 
@@ -222,18 +150,8 @@ class Publisher:
             client.subscribe(self.topics.cmd(), qos=1)
 
     def _new_session(self) -> None:
-        """What was in flight on the old connection is published again (duplicates carry the same
-        seq; the center dedupes). Whatever is unsent now is the backlog."""
-        resend = [m for m in self._inflight.values() if m.lane == RESEND]
-        self._lanes[RESEND].extendleft(reversed(sorted(resend, key=lambda m: m.seqs[0])))
-        self._inflight.clear()
-        self._acked.clear()
-        self._bulk_bytes = 0
-        self._lanes[LIVE].clear()
-        self._lanes[BACKLOG].clear()
-        self._backlog_mark = self.buffer.last_seq()
-        self._live_cursor = self._backlog_mark
-        self._backlog_cursor = 0
+        """A new connection: the window starts over, and meta goes out again."""
+        self.window.new_session()
         self._meta_sent.clear()
         self._next_meta = 0.0
 
@@ -243,7 +161,7 @@ class Publisher:
         self._connected = False
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self._acked.append(mid)
+        self.window.acked(mid)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.commands is None:
@@ -318,109 +236,20 @@ class Publisher:
                 pass
 
     def _settle_acks(self) -> None:
-        if not self._acked and not self._unmarked:
-            return
-        now = time.monotonic()
-        seqs, self._unmarked = self._unmarked, []
-        for mid in self._acked:
-            msg = self._inflight.pop(mid, None)
-            if msg is None:  # status, meta, health, replies
-                continue
-            seqs.extend(msg.seqs)
-            self._ack_log.append((now, len(msg.payload)))
-            self._acked_bytes += len(msg.payload)
-            if msg.lane != LIVE:
-                self._bulk_bytes -= len(msg.payload)
-            self.stats.acked_messages += 1
-            self.stats.acked_rows += len(msg.seqs)
-            if msg.lane == BACKLOG:
-                self.stats.replayed_rows += len(msg.seqs)
-            elif msg.lane == RESEND:
-                self.stats.resent_rows += len(msg.seqs)
-        self._acked.clear()
-        self._forget_old_acks(now)
-        if not seqs:
-            return
-        try:
-            self.buffer.mark_sent(seqs)
-        except StorageError as err:
-            self._unmarked = seqs[-1_000_000:]  # retried; if lost, they are sent again (duplicates)
-            self._rl.warning("mark", "device=_site cannot mark %d records sent, will retry: %s", len(seqs), err)
-            return
-        self.stats.last_ack = now
-
-    def _forget_old_acks(self, now: float) -> None:
-        while self._ack_log and self._ack_log[0][0] < now - 1.0:
-            self._acked_bytes -= self._ack_log.popleft()[1]
-
-    # -- filling the window ------------------------------------------------------------------
+        self.window.settle()
 
     def _fill_window(self) -> None:
-        """Live rows first (looked up once per loop turn), then resend, then backlog."""
-        if not self._lanes[LIVE]:
-            rows = self.buffer.unsent(self._live_cursor, limit=self.fetch_rows)
-            if rows:
-                self._live_cursor = rows[-1].seq
-                self._lanes[LIVE].extend(self._builder().build(rows, LIVE))
-        while self._connected and len(self._inflight) < self.cfg.mqtt.inflight:
-            lane = LIVE if self._lanes[LIVE] else self._bulk_lane()
-            if lane is None or not self._send(self._lanes[lane].popleft()):
-                return
-
-    def _bulk_lane(self) -> str | None:
-        if not self._bulk_room():
-            return None
-        if not self._lanes[RESEND]:
-            self._refill_resend()
-        if self._lanes[RESEND]:
-            return RESEND
-        if not self._lanes[BACKLOG] and self._backlog_cursor < self._backlog_mark:
-            rows = self.buffer.unsent(self._backlog_cursor, self._backlog_mark, limit=self.fetch_rows)
-            self._backlog_cursor = rows[-1].seq if rows else self._backlog_mark
-            self._lanes[BACKLOG].extend(self._builder().build(rows, BACKLOG))
-        return BACKLOG if self._lanes[BACKLOG] else None
+        self.window.fill(self._send, lambda: self._connected)
 
     def _builder(self) -> MessageBuilder:
         return MessageBuilder(self.topics, self.site, self.cfg.mqtt.batch_max)
 
-    def _bulk_room(self) -> bool:
-        """Room for backlog/resend: window slots beyond the live reserve, and bytes in flight
-        below what the link carried in the last TARGET_QUEUE_S (at least one message)."""
-        inflight = self.cfg.mqtt.inflight
-        if len(self._inflight) >= inflight - min(LIVE_RESERVE, inflight // 10):
-            return False
-        if self._bulk_bytes <= 0:
-            return True
-        self._forget_old_acks(time.monotonic())
-        carried = self._acked_bytes * TARGET_QUEUE_S  # acked in the last second, times the target
-        return self._bulk_bytes < max(MIN_BULK_BYTES, min(MAX_BULK_BYTES, carried))
-
-    def _refill_resend(self) -> None:
-        while not self._lanes[RESEND]:
-            with self._resend_lock:
-                job = self._resend_jobs[0] if self._resend_jobs else None
-            if job is None:
-                return
-            rows = self.buffer.range(job.next_seq, job.last_seq, limit=self.fetch_rows)
-            if not rows:
-                with self._resend_lock:
-                    self._resend_jobs.popleft()
-                log.info("device=_site resend up to seq %d handed to the broker", job.last_seq)
-                continue
-            job.next_seq = rows[-1].seq + 1
-            self._lanes[RESEND].extend(self._builder().build(rows, RESEND))
-
-    def _send(self, msg: Message) -> bool:
+    def _send(self, msg: Message) -> int | None:
         info = self.client.publish(msg.topic, msg.payload, qos=1)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._lanes[msg.lane].appendleft(msg)
             self._rl.warning("publish", "device=_site publish failed (rc=%s); will retry after reconnect", info.rc)
-            return False
-        self._inflight[info.mid] = msg
-        if msg.lane != LIVE:
-            self._bulk_bytes += len(msg.payload)
-        self.stats.messages += 1
-        return True
+            return None
+        return info.mid
 
     # -- meta, health, shutdown --------------------------------------------------------------
 
@@ -446,7 +275,7 @@ class Publisher:
         now = time.monotonic()
         if now < self._next_health:
             return
-        self._next_health = now + self.cfg.agent.health_interval_s
+        self._next_health = now + self.cfg.health_interval_s
         self.client.publish(self.topics.health(), dumps(self.health_source()), qos=1)
 
     def _shutdown(self) -> None:

@@ -21,8 +21,8 @@ import threading
 import time
 from collections import deque
 
-from agent.buffer import Buffer, PartialWrite
 from agent.logutil import RateLimitedLog
+from agent.store.buffer import Buffer, PartialWrite
 from drivers.errors import StorageError
 from drivers.model import Event, Reading
 

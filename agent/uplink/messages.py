@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from agent.buffer import KIND_DATA, Row
+from agent.store.rows import KIND_DATA, Row
 from drivers.model import Device
 
 MAX_PAYLOAD_BYTES = 128 * 1024  # fits the smallest common broker limit (AWS IoT: 128 KiB)

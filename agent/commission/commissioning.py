@@ -26,7 +26,7 @@ def add_plan(sub: Any) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from agent.budget import TURNAROUND_S, format_plan
+    from agent.commission.budget import TURNAROUND_S, format_plan
     from agent.config import load_site
 
     turnaround = TURNAROUND_S if args.turnaround_ms is None else max(0.0, args.turnaround_ms) / 1000.0

@@ -1,0 +1,56 @@
+"""The typed site file: what the loader (agent.config.site) builds and the rest of the agent reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.uplink.settings import MqttConfig, UplinkConfig
+from drivers.model import Device, Link
+
+EX_CONFIG = 78  # sysexits.h EX_CONFIG: what systemd and the technician see for a bad site file
+DEFAULT_STATE_DIR = "/var/lib/pvgate"
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    id: str
+    name: str
+    timezone: str
+    capacity_kwp: float | None
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    path: str
+    max_mb: float = 1024.0
+    keep_sent_days: float = 7.0
+    commit_interval_s: float = 1.0
+    min_free_mb: float = 64.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: str
+    health_interval_s: float = 60.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    file: str
+    site: SiteInfo
+    mqtt: MqttConfig
+    buffer: BufferConfig
+    agent: AgentConfig
+    links: tuple[Link, ...]
+    devices: tuple[Device, ...]
+
+    def link(self, link_id: str) -> Link:
+        return next(link for link in self.links if link.id == link_id)
+
+    def devices_on(self, link_id: str) -> list[Device]:
+        return [d for d in self.devices if d.link == link_id]
+
+    def uplink(self) -> UplinkConfig:
+        """The publisher's settings: the broker, the site's topics and the devices it announces."""
+        return UplinkConfig(self.site.id, self.mqtt, self.devices, self.agent.health_interval_s, self.file)

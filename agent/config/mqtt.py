@@ -1,0 +1,154 @@
+"""The site file's mqtt section: broker, credentials and TLS material, checked the way the publisher uses them."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+
+from agent.uplink.settings import MqttConfig, TlsConfig
+from agent.uplink.tls import TlsSetupError, tls_context
+from drivers.yamlsrc import Checker, LDict
+
+ENV_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+TLS_KEYS = ("ca_file", "cert_file", "key_file", "key_password", "key_password_file")
+
+
+def mqtt_section(node: LDict, chk: Checker, site_id: str, present: bool) -> MqttConfig:
+    host = chk.get(node, "host", "mqtt", str, "", required=present)
+    if "host" in node and host:
+        check_host(host, node, "mqtt", chk)
+    elif "host" in node and isinstance(node["host"], str):
+        chk.problem(chk.line_of(node, "host"), "mqtt.host", "expected the broker's host name or IP address, got nothing")
+    tls = _tls(node, chk)
+    port = chk.get(node, "port", "mqtt", int, 8883 if tls else 1883)
+    if not 1 <= port <= 65535:
+        chk.problem(chk.line_of(node, "port"), "mqtt.port", "expected 1..65535")
+    prefix = chk.get(node, "topic_prefix", "mqtt", str, "pvgate")
+    if not prefix or any(c in prefix for c in "+#") or prefix.startswith("/") or prefix.endswith("/"):
+        chk.problem(chk.line_of(node, "topic_prefix"), "mqtt.topic_prefix",
+                    "no MQTT wildcards (+ #) and no leading or trailing '/'")
+    password = _secret(node, "password", "password_file", "mqtt", chk)
+    username = chk.get(node, "username", "mqtt", str, None)
+    if username is None and ("password" in node or "password_file" in node) and "username" not in node:
+        # paho sends a password only together with a user name; without one it is silently dropped.
+        key = "password" if "password" in node else "password_file"
+        chk.problem(chk.line_of(node, key), f"mqtt.{key}", "a password needs a username (add mqtt.username)")
+    keepalive = chk.get(node, "keepalive", "mqtt", int, 60)
+    if not 5 <= keepalive <= 65535:
+        chk.problem(chk.line_of(node, "keepalive"), "mqtt.keepalive", "expected 5..65535 seconds")
+    batch = chk.get(node, "batch_max", "mqtt", int, 200)
+    inflight = chk.get(node, "inflight", "mqtt", int, 50)
+    if not 1 <= batch <= 5000:
+        chk.problem(chk.line_of(node, "batch_max"), "mqtt.batch_max", "expected 1..5000 readings per message")
+    if not 1 <= inflight <= 1000:
+        chk.problem(chk.line_of(node, "inflight"), "mqtt.inflight", "expected 1..1000 (20-100 is best)")
+    return MqttConfig(
+        host=host or "", port=port, topic_prefix=prefix, tls=tls,
+        username=username, password=password,
+        client_id=chk.get(node, "client_id", "mqtt", str, f"pvgate-{site_id}"),
+        keepalive=keepalive, batch_max=batch, inflight=inflight,
+    )
+
+
+def _tls(node: LDict, chk: Checker) -> TlsConfig | None:
+    if "tls" not in node:
+        return None
+    tls = chk.mapping(node["tls"], "mqtt.tls", chk.line_of(node, "tls"), TLS_KEYS)
+    if tls is None:
+        return None
+    files: dict[str, str | None] = {}
+    readable: dict[str, bool] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = chk.get(tls, key, "mqtt.tls", str, None, required=key == "ca_file")
+        readable[key] = value is not None and _readable(value, tls, key, "mqtt.tls", chk)
+        files[key] = value
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        chk.problem(tls.line, "mqtt.tls", "cert_file and key_file go together (client certificate)")
+    key_password = _secret(tls, "key_password", "key_password_file", "mqtt.tls", chk)
+    _check_tls_material(tls, files, readable, key_password, chk)
+    return TlsConfig(files["ca_file"] or "", files["cert_file"], files["key_file"], key_password)
+
+
+def _check_tls_material(tls: LDict, files: dict[str, str | None], readable: dict[str, bool],
+                        key_password: str | None, chk: Checker) -> None:
+    """Load the files the way the publisher will, so a wrong or mismatched file fails `check`, not the first connect."""
+    if not all(readable[k] for k in ("ca_file", "cert_file", "key_file") if files[k] is not None):
+        return  # already reported
+    try:
+        tls_context(TlsConfig(files["ca_file"] or "", files["cert_file"], files["key_file"], key_password))
+    except TlsSetupError as err:
+        chk.problem(chk.line_of(tls, err.key), f"mqtt.tls.{err.key}", str(err))
+
+
+def _readable(value: str, node: LDict, key: str, path: str, chk: Checker) -> bool:
+    """Whether the file can be read by this user; a problem naming the cause otherwise."""
+    p = Path(value)
+    line, where = chk.line_of(node, key), f"{path}.{key}"
+    if not p.exists():
+        chk.problem(line, where, f"file {value} does not exist")
+        return False
+    if not p.is_file():
+        chk.problem(line, where, f"{value} is not a file (a directory?); give the path of the file itself")
+        return False
+    # Open it rather than ask os.access: that is the check that counts, also under root with
+    # capabilities dropped (systemd) or on file systems with ACLs.
+    try:
+        with p.open("rb"):
+            pass
+    except OSError as err:
+        chk.problem(line, where, f"file {value} cannot be read by this user: {err.strerror or err}")
+        return False
+    return True
+
+
+def _secret(node: LDict, key: str, file_key: str, path: str, chk: Checker) -> str | None:
+    """A secret given inline as ${ENV} or in a file; plain text inline is refused (it ends up in backups and screenshots)."""
+    if key in node and file_key in node:
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"give either {key} or {file_key}, not both")
+    if file_key in node:
+        name = chk.get(node, file_key, path, str, None)
+        if name is None or not _readable(name, node, file_key, path, chk):
+            return None
+        try:
+            secret = Path(name).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} cannot be read as UTF-8 text: {err}")
+            return None
+        if not secret:
+            chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} is empty")
+            return None
+        return secret
+    if key not in node:
+        return None
+    value = node[key]
+    m = ENV_RE.match(value) if isinstance(value, str) else None
+    if not m:
+        # Also for a number or an empty value: whatever is written here is a plain-text secret.
+        chk.problem(chk.line_of(node, key), f"{path}.{key}",
+                    f"write it as ${{ENV_NAME}} or use {file_key}; secrets are not kept in the site file")
+        return None
+    if m.group(1) not in os.environ:
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"environment variable {m.group(1)} is not set")
+        return None
+    if not os.environ[m.group(1)]:
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"environment variable {m.group(1)} is empty")
+        return None
+    return os.environ[m.group(1)]
+
+
+def check_host(host: str, node: LDict, path: str, chk: Checker) -> None:
+    """A host name or an IP address only: 'mqtt://x:1883' or 'x:502' would fail at connect time."""
+    line, where = chk.line_of(node, "host"), f"{path}.host"
+    if "://" in host or "/" in host:
+        chk.problem(line, where, f"{host!r}: give the host name or IP address only, without a scheme or path")
+    elif ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            chk.problem(line, where, f"{host!r}: give the host name or IP address only; the port goes in port")
+    elif any(c.isspace() for c in host):
+        chk.problem(line, where, f"{host!r}: a host name has no spaces")
+
+

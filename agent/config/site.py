@@ -1,0 +1,127 @@
+"""The site file (Contract 1): loaded, checked and turned into typed objects.
+
+Every problem is collected and reported with file:line, the key path and what is allowed, so a
+technician fixes all of them in one pass. Nothing here opens a port or a socket.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from agent.config.links import devices_section, links_section
+from agent.config.model import DEFAULT_STATE_DIR, AgentConfig, BufferConfig, SiteConfig, SiteInfo
+from agent.config.mqtt import mqtt_section
+from drivers.devicemap import ProfileLibrary
+from drivers.errors import ConfigError
+from drivers.yamlsrc import Checker, LDict, load_file
+
+SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+TOP_KEYS = ("site", "mqtt", "buffer", "links", "devices", "agent")
+SITE_KEYS = ("id", "name", "timezone", "capacity_kwp")
+MQTT_KEYS = ("host", "port", "tls", "username", "password", "password_file", "topic_prefix",
+             "client_id", "keepalive", "batch_max", "inflight")
+BUFFER_KEYS = ("path", "max_mb", "keep_sent_days", "commit_interval", "min_free_mb")
+AGENT_KEYS = ("state_dir", "health_interval", "log_level")
+
+
+def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteConfig:
+    """Load and check a site file; raises ConfigError listing every problem found."""
+    path = Path(path)
+    data = load_file(path)
+    chk = Checker(str(path))
+    if data is None:
+        # Empty or only comments: one message that says what belongs in it, not four.
+        chk.problem(1, "", "the file is empty; a site file needs the sections site, mqtt, links "
+                           "and devices (see config/examples/site.yaml)")
+    root = chk.mapping(data, "", 1, TOP_KEYS) if data is not None else None
+    if root is None:
+        chk.raise_if_any()
+        raise AssertionError("unreachable")
+    library = library or ProfileLibrary.default(path.resolve().parent)
+    for key in ("site", "mqtt", "links", "devices"):
+        if key not in root:
+            chk.problem(root.line, key, "required section is missing")
+    # A section that is not a mapping is reported once by _section; its keys are then not
+    # reported missing one by one as well.
+    site = _site(_section(root, "site", SITE_KEYS, chk), chk, _is_mapping(root, "site"))
+    mqtt = mqtt_section(_section(root, "mqtt", MQTT_KEYS, chk), chk, site.id, _is_mapping(root, "mqtt"))
+    agent = _agent(_section(root, "agent", AGENT_KEYS, chk), chk)
+    buffer = _buffer(_section(root, "buffer", BUFFER_KEYS, chk), chk, agent.state_dir)
+    links, declared = links_section(root, chk)
+    devices = devices_section(root, chk, {link.id: link for link in links}, declared, library,
+                       path.resolve().parent)
+    chk.raise_if_any()
+    return SiteConfig(str(path), site, mqtt, buffer, agent, tuple(links), tuple(devices))
+
+
+def _is_mapping(root: LDict, key: str) -> bool:
+    return isinstance(root.get(key), LDict)
+
+
+def _section(root: LDict, key: str, allowed: tuple[str, ...], chk: Checker) -> LDict:
+    if key not in root:
+        return _empty(root.line)
+    node = chk.mapping(root[key], key, chk.line_of(root, key), allowed)
+    return node if node is not None else _empty(root.line)
+
+
+def _empty(line: int) -> LDict:
+    node = LDict()
+    node.line = line
+    return node
+
+
+def _site(node: LDict, chk: Checker, present: bool) -> SiteInfo:
+    site_id = chk.get(node, "id", "site", str, "", required=present) or ""
+    if site_id and not SITE_ID_RE.match(site_id):
+        chk.problem(chk.line_of(node, "id"), "site.id",
+                    f"{site_id!r}: use lower-case letters a-z, digits and '-' (it is part of MQTT topics)")
+    tz = chk.get(node, "timezone", "site", str, "Asia/Shanghai")
+    _check_timezone(tz, node, chk)
+    cap = chk.get(node, "capacity_kwp", "site", float, None)
+    if cap is not None and cap <= 0:
+        chk.problem(chk.line_of(node, "capacity_kwp"), "site.capacity_kwp", "expected a number of kWp above 0")
+    return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap)
+
+
+def _check_timezone(tz: str, node: LDict, chk: Checker) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory such as "Asia"
+        chk.problem(chk.line_of(node, "timezone"), "site.timezone",
+                    f"unknown time zone {tz!r}; expected an IANA name such as Asia/Shanghai")
+
+
+def _agent(node: LDict, chk: Checker) -> AgentConfig:
+    state = chk.get(node, "state_dir", "agent", str, os.environ.get("PVGATE_STATE_DIR", DEFAULT_STATE_DIR))
+    if not state:
+        chk.problem(chk.line_of(node, "state_dir"), "agent.state_dir", "expected a directory path")
+        state = DEFAULT_STATE_DIR
+    level = chk.choice(node, "log_level", "agent", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+    return AgentConfig(state, chk.duration(node, "health_interval", "agent", 60.0, 1.0), level or "INFO")
+
+
+def _buffer(node: LDict, chk: Checker, state_dir: str) -> BufferConfig:
+    path = chk.get(node, "path", "buffer", str, str(Path(state_dir) / "buffer.sqlite"))
+    max_mb = chk.get(node, "max_mb", "buffer", float, 1024.0)
+    if max_mb is not None and max_mb < 0.1:
+        chk.problem(chk.line_of(node, "max_mb"), "buffer.max_mb", "expected at least 0.1 (MB)")
+    keep = chk.get(node, "keep_sent_days", "buffer", float, 7.0)
+    if keep < 0:
+        chk.problem(chk.line_of(node, "keep_sent_days"), "buffer.keep_sent_days", "expected 0 or more days")
+    commit = chk.duration(node, "commit_interval", "buffer", 1.0, 0.0)
+    free = chk.get(node, "min_free_mb", "buffer", float, 64.0)
+    if free < 0:
+        chk.problem(chk.line_of(node, "min_free_mb"), "buffer.min_free_mb", "expected 0 or more (MB)")
+    return BufferConfig(path, max_mb, keep, commit, free)
+
+
+def format_problems(err: ConfigError) -> str:
+    lines = [str(p) for p in err.problems]
+    n = len(lines)
+    return "\n".join(lines + [f"{n} problem{'s' if n != 1 else ''} found; nothing was started."])

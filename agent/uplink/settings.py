@@ -1,0 +1,43 @@
+"""The uplink's settings as plain values: what the publisher and the TLS loader need, no more.
+
+The site file's loader (agent.config) builds these; the uplink never reads the site file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from drivers.model import Device
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: str
+    cert_file: str | None
+    key_file: str | None
+    key_password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str
+    port: int
+    topic_prefix: str
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    client_id: str = ""
+    keepalive: int = 60
+    batch_max: int = 200  # readings per data message
+    inflight: int = 50  # QoS 1 messages awaiting PUBACK (paho is happiest at 20-100)
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    """Everything the publisher uses: the broker, the site's topics, the devices it announces."""
+
+    site_id: str
+    mqtt: MqttConfig
+    devices: tuple[Device, ...]
+    health_interval_s: float = 60.0
+    source: str = ""  # the site file, for error messages
