@@ -3,6 +3,11 @@
     pvgate-sim --listen tcp://127.0.0.1:1502 --device 1:huawei-sun2000 --device 11:chint-dtsu666
     pvgate-sim -c sim.yaml
 
+Inverters sleep at night like string inverters do: from their dusk to their dawn (where the sun
+curve is zero, 18:00-06:00 local) they do not answer. `--night standby` (or `--night UNIT:standby`,
+`night: standby` in a sim.yaml device, {"unit": 1, "night": "standby"} on the control port) keeps
+them answering with zero power and their standby status. Meters always answer.
+
 On start it prints one JSON line ({"event": "ready", ...}) with its listeners and its clock, so
 that a test (or a curious technician) knows what was served when. Faults can be set at start
 (--fault UNIT:KIND[:ARG]) or at run time through the control port, one JSON object per line:
@@ -34,7 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError
 from drivers.yamlsrc import Checker, load_file
-from simulator.device import Fault, SimDevice
+from simulator.device import NIGHT_MODES, Fault, SimDevice
 from simulator.physics import PvPlant, SimClock, Sun
 from simulator.server import Bus, Listen, SerialListener, serve_tcp
 from simulator.sunspec import make_sim_device
@@ -50,6 +55,7 @@ class DeviceSpec:
     rated_kw: float = 50.0
     fault: str = "none"
     turnaround_ms: float | None = None  # None: the listener's
+    night: str = "silent"  # inverters between dusk and dawn: silent | standby (meters always answer)
 
 
 @dataclass
@@ -77,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="silent, slow:SECONDS[:P], corrupt[:P], exception:CODE[:P], intermittent:P, busy:P")
     p.add_argument("--turnaround", action="append", default=[], metavar="UNIT:MS",
                    help="a unit's own turnaround (time to start answering), overriding the listener's turnaround_ms")
+    p.add_argument("--night", action="append", default=[], metavar="[UNIT:]MODE",
+                   help="inverters at night: silent (default: no answer from dusk to dawn) or standby; "
+                        "MODE alone sets every unit")
     p.add_argument("--speed", type=float, default=None, help="simulated clock runs N times faster")
     p.add_argument("--start", default=None, help="simulated start, local time: 12:00 or 2026-06-21T12:00")
     p.add_argument("--timezone", default=None, help="site time zone for the sun curve (default Asia/Shanghai)")
@@ -124,6 +133,8 @@ def _spec(args: argparse.Namespace) -> SimSpec:
             raise ValueError(f"--turnaround {text}: expected UNIT:MILLISECONDS, e.g. 3:40") from None
         for d in found:
             d.turnaround_ms = value
+    for text in args.night:
+        _night_arg(spec, text)
     spec.speed = args.speed if args.speed is not None else spec.speed
     spec.start = args.start or spec.start
     spec.timezone = args.timezone or spec.timezone
@@ -134,6 +145,17 @@ def _spec(args: argparse.Namespace) -> SimSpec:
     spec.control = args.control or spec.control
     spec.profiles += args.profiles
     return spec
+
+
+def _night_arg(spec: SimSpec, text: str) -> None:
+    unit, _, mode = text.rpartition(":")
+    if mode not in NIGHT_MODES:
+        raise ValueError(f"--night {text}: expected [UNIT:]MODE with MODE one of {', '.join(NIGHT_MODES)}")
+    found = [d for lst in spec.listeners for d in lst.devices if not unit or str(d.unit) == unit]
+    if not found:
+        raise ValueError(f"--night {text}: no unit {unit}")
+    for d in found:
+        d.night = mode
 
 
 def _device_arg(text: str) -> DeviceSpec:
@@ -158,13 +180,14 @@ def _load_spec(path: Path) -> SimSpec:
         lst = ListenerSpec(chk.get(node, "listen", f"listeners[{i}]", str, "", required=True))
         for j, dev, dline in chk.sequence(node.get("devices"), f"listeners[{i}].devices", chk.line_of(node, "devices")):
             path_ = f"listeners[{i}].devices[{j}]"
-            d = chk.mapping(dev, path_, dline, ("unit", "profile", "rated_kw", "fault", "turnaround_ms"))
+            d = chk.mapping(dev, path_, dline, ("unit", "profile", "rated_kw", "fault", "turnaround_ms", "night"))
             if d is not None:
                 lst.devices.append(DeviceSpec(chk.get(d, "unit", path_, int, 1, required=True),
                                               chk.get(d, "profile", path_, str, "", required=True),
                                               chk.get(d, "rated_kw", path_, float, 50.0),
                                               chk.get(d, "fault", path_, str, "none"),
-                                              chk.get(d, "turnaround_ms", path_, float, None)))
+                                              chk.get(d, "turnaround_ms", path_, float, None),
+                                              chk.choice(d, "night", path_, NIGHT_MODES, "silent") or "silent"))
         listeners.append(lst)
     chk.raise_if_any()
     return SimSpec(listeners, chk.get(root, "timezone", "", str, "Asia/Shanghai"),
@@ -210,6 +233,9 @@ def build_buses(spec: SimSpec, clock: SimClock) -> list[Bus]:
             devices[d.unit] = SimDevice(d.unit, profile, plant, clock, Fault.parse(d.fault),
                                         turnaround_s=None if d.turnaround_ms is None else d.turnaround_ms / 1000.0)
         buses.append(Bus(Listen.parse(lst.listen), devices))
+    for bus, lst in zip(buses, spec.listeners):  # what inverters do between dusk and dawn
+        for d in lst.devices:
+            bus.devices[d.unit].night = d.night
     return buses
 
 
@@ -276,6 +302,10 @@ def _control(msg: dict[str, Any], buses: list[Bus]) -> dict[str, Any]:
     for device in targets:
         if "fault" in msg:
             device.fault = Fault.parse(str(msg["fault"]))
+        if "night" in msg:
+            if msg["night"] not in NIGHT_MODES:
+                raise ValueError(f"night must be one of {', '.join(NIGHT_MODES)}")
+            device.night = str(msg["night"])
         if "turnaround_ms" in msg:
             device.turnaround_s = None if msg["turnaround_ms"] is None else float(msg["turnaround_ms"]) / 1000.0
         for key, value in (msg.get("set") or {}).items():

@@ -11,6 +11,11 @@ from drivers.model import DataType, DeviceMap, Point, Table, Value
 from simulator.physics import PvPlant, SimClock
 
 FAULT_KINDS = ("none", "silent", "slow", "corrupt", "exception", "intermittent", "busy")
+# What an inverter does between its own dusk and dawn (the sun model's zero-irradiance times):
+# "silent" like most string inverters, whose Modbus interface is powered by the panels, or
+# "standby" (answers, zero power, its standby status) like inverters with an auxiliary supply.
+# Meters are powered by the grid and always answer.
+NIGHT_MODES = ("silent", "standby")
 EXC_ILLEGAL_FUNCTION = 1
 EXC_ILLEGAL_ADDRESS = 2
 EXC_BUSY = 6
@@ -74,6 +79,13 @@ class SimDevice:
     turnaround_s: float | None = None  # None: the listener's
     overrides: dict[str, Value] = field(default_factory=dict)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
+    night: str = "silent"  # one of NIGHT_MODES
+
+    def asleep(self, real_t: float | None = None) -> bool:
+        """Whether the unit is switched off for the night at real time real_t (it then never answers)."""
+        if self.night != "silent" or self.plant.meter:
+            return False
+        return self.plant.sun.fraction(self.clock.sim(real_t)) <= 0.0
 
     def values_at(self, sim_t: float) -> dict[str, Value]:
         """Every point's engineering value at simulated time sim_t."""

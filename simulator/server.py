@@ -129,6 +129,8 @@ class Bus:
                 # On a bus nobody answers for an absent unit; over TCP a gateway would say 0x0B.
                 return None
             device.requests += 1
+            if device.asleep():
+                return None  # an inverter asleep for the night: its interface is off
             fault = device.fault
             if fault.kind in ("silent", "intermittent") and fault.strikes(device.rng):
                 return None

@@ -50,13 +50,15 @@ def write_site(path: Path, *, site_id: str, broker_port: int, modbus_port: int, 
 
 
 def sim_cmd(port: int, devices: Sequence[SimDev], speed: float = 60.0, start: str = "11:00",
-            scheme: str = "tcp", control_port: int | None = None) -> list[str]:
+            scheme: str = "tcp", control_port: int | None = None, night: str | None = None) -> list[str]:
     cmd = [PY, "-m", "simulator.cli", "--listen", f"{scheme}://127.0.0.1:{port}", "--speed", str(speed),
            "--start", start]
     for d in devices:
         cmd += ["--device", f"{d.unit}:{d.profile}:{d.rated_kw:g}"]
     if control_port:
         cmd += ["--control", f"tcp://127.0.0.1:{control_port}"]
+    if night:
+        cmd += ["--night", night]
     return cmd
 
 
