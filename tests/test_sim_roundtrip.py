@@ -18,8 +18,9 @@ from support.ports import free_port
 
 LIBRARY = ProfileLibrary.default()
 FLAT_MAPS = [i for i in LIBRARY.ids() if not LIBRARY.get(i).sunspec]
-# GoodWe's PV input power is a signed 16-bit W (32.767 kW at most): a plant that fits it.
-RATED_KW = {"goodwe-dt": 25.0}
+# GoodWe's PV input power and the Acrel meter's power words are signed 16-bit W (32.767 kW at
+# most): plants that fit them.
+RATED_KW = {"goodwe-dt": 25.0, "acrel-adl3000": 25.0}
 DEVICES = [SimDev(f"d{i}", i + 1, pid, RATED_KW.get(pid, 40.0 + i)) for i, pid in enumerate(FLAT_MAPS)]
 
 
