@@ -73,3 +73,30 @@ def _swap(out: dict[str, Value], values: Mapping[str, Value], a: str, b: str) ->
         out[b] = values[a]
     if b in values:
         out[a] = values[b]
+
+
+# SunSpec meter models 201-204 leave the sign of W to the vendor. pvgate reads W as IEC
+# metering does (positive = import, the way Fronius and generic SunSpec meters report it) and
+# negates it. These vendors report positive = export instead, with counters by their meaning:
+# evcc reads SolarEdge "203:W" with scale -1 (templates solaredge-hybrid.yaml) and
+# WillCodeForCats/solaredge-modbus-multi#69 documents "positive = export".
+EXPORT_POSITIVE_SUNSPEC_VENDORS = ("solaredge",)
+
+
+def sunspec_meter_exports_positive(manufacturer: str) -> bool:
+    """Whether a SunSpec meter of this manufacturer (common model `Mn`) reports W + = export."""
+    name = manufacturer.strip().lower()
+    return any(name.startswith(v) for v in EXPORT_POSITIVE_SUNSPEC_VENDORS)
+
+
+def apply_sunspec_vendor_sign(values: Mapping[str, Value], manufacturer: str) -> dict[str, Value]:
+    """A SunSpec meter's values with the vendor's own W sign undone: only the active powers
+    flip; the import/export counters already mean what they say (unlike a reversed meter)."""
+    out = dict(values)
+    if not sunspec_meter_exports_positive(manufacturer):
+        return out
+    for key in ("ac_power", "phase_a_power", "phase_b_power", "phase_c_power"):
+        value = out.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            out[key] = -value
+    return out
