@@ -49,6 +49,26 @@ def decode_points(
             quality.append(f"invalid:{point.key}")
             continue
         values[point.key] = value
+    return _drop_invalid_states(points, values, quality)
+
+
+def _drop_invalid_states(
+    points: Sequence[Point], values: dict[str, Value], quality: list[str]
+) -> tuple[dict[str, Value], list[str]]:
+    """Leave out points whose `valid_when` condition is false (or unknown this poll).
+
+    A device keeps such a register after the state that filled it is gone (Sungrow's fault
+    code stays set when the inverter runs again): published as is, a stale fault looks active.
+    The point is flagged like any value the device did not deliver.
+    """
+    for point in points:
+        if point.valid_when is None or point.key not in values:
+            continue
+        state_key, codes = point.valid_when
+        state = values.get(state_key)
+        if isinstance(state, bool) or not isinstance(state, int) or state not in codes:
+            del values[point.key]
+            quality.append(f"invalid:{point.key}")
     return values, quality
 
 

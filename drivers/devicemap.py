@@ -28,7 +28,7 @@ TYPE_NAMES = tuple(t.name_ for t in DataType)
 MAP_KEYS = ("id", "name", "source", "extends", "defaults", "read", "identity", "points", "sunspec")
 POINT_KEYS = (
     "key", "table", "address", "type", "count", "word_order", "byte_order", "scale", "offset",
-    "scale_factor", "unit", "counter", "invalid", "enum", "bits", "publish", "sim",
+    "scale_factor", "unit", "counter", "invalid", "enum", "bits", "publish", "sim", "valid_when",
 )
 DEFAULT_KEYS = ("table", "word_order", "byte_order", "invalid", "address_offset")
 IDENTITY_KEYS = ("model", "serial", "rated_power_kw", "manufacturer", "firmware")
@@ -110,6 +110,7 @@ def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] 
     identity = _identity(root, chk, defaults)
     merged = _merge(parent.points if parent else (), points)
     _check_overlaps(merged, lines, chk, parent.id if parent else "")
+    _check_conditions(merged, lines, chk)
     max_block = parent.max_block if parent else 125
     max_gap = parent.max_gap if parent else 16
     holes: list[tuple[Table, int, int]] = list(parent.holes) if parent else []
@@ -261,8 +262,26 @@ def _point(item: Any, path: str, line: int, chk: Checker, defaults: dict[str, An
         bits=_code_table(node, "bits", path, chk),
         publish=chk.get(node, "publish", path, bool, dtype is not DataType.SUNSSF),
         sim=chk.get(node, "sim", path, (int, float, str), None, expected="a number or text"),
+        valid_when=_valid_when(node, path, chk),
     )
     return point if len(chk.problems) == before else None
+
+
+def _valid_when(node: LDict, path: str, chk: Checker) -> tuple[str, tuple[int, ...]] | None:
+    """`valid_when: {point: status, in: [0x5500, 0x9100]}`: raw codes of another point."""
+    if "valid_when" not in node:
+        return None
+    cond = chk.mapping(node["valid_when"], f"{path}.valid_when", chk.line_of(node, "valid_when"), ("point", "in"))
+    if cond is None:
+        return None
+    key = chk.get(cond, "point", f"{path}.valid_when", str, required=True)
+    codes = cond.get("in")
+    if not isinstance(codes, list) or not codes or not all(
+            isinstance(c, int) and not isinstance(c, bool) for c in codes):
+        chk.problem(chk.line_of(cond, "in") if "in" in cond else cond.line, f"{path}.valid_when.in",
+                    "expected a non-empty list of raw codes, e.g. [0x5500, 0x9100]")
+        return None
+    return (key, tuple(codes)) if key else None
 
 
 def _count(node: LDict, path: str, chk: Checker, dtype: DataType, table: Table) -> int:
@@ -341,6 +360,18 @@ def _merge(parent: tuple[Point, ...] | list[Point], own: list[Point]) -> list[Po
     """A child's point replaces its parent's point of the same key; new ones are appended."""
     own_keys = {p.key for p in own}
     return [p for p in parent if p.key not in own_keys] + own
+
+
+def _check_conditions(points: list[Point], lines: dict[str, int], chk: Checker) -> None:
+    """A `valid_when` must name another point of the map, one that is read every poll."""
+    keys = {p.key for p in points}
+    for p in points:
+        if p.valid_when is None or p.key not in lines:
+            continue
+        state = p.valid_when[0]
+        if state == p.key or state not in keys:
+            chk.problem(lines[p.key], f"points.{p.key}.valid_when.point",
+                        f"no other point {state!r} in this map")
 
 
 def _check_overlaps(points: list[Point], lines: dict[str, int], chk: Checker, parent_id: str) -> None:

@@ -90,6 +90,9 @@ class Point:
     bits: tuple[tuple[int, str], ...] = ()
     publish: bool = True  # scale-factor and identity helpers are read but not published
     sim: float | str | None = None  # the simulator's value when its physics has none
+    # (key of another point, its raw codes) for which this point means something; e.g. a fault
+    # code that the device leaves stale once the fault is gone. None: always valid.
+    valid_when: tuple[str, tuple[int, ...]] | None = None
 
     @property
     def end(self) -> int:
@@ -159,6 +162,9 @@ class Device:
     retries: int | None = None
     offline_after: int = 3  # failed polls before the device is reported offline
     backoff_max_s: float = 300.0
+    # A meter whose CT (or whole meter) sits the other way round: its power signs are flipped
+    # and its import/export counters swapped before publishing (drivers.sign.apply_sign).
+    invert_power: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError
 from drivers.yamlsrc import Checker, load_file
 from simulator.device import NIGHT_MODES, Fault, SimDevice
+from simulator.image import ImageDevice, load_image
 from simulator.physics import PvPlant, SimClock, Sun
 from simulator.server import Bus, Listen, SerialListener, serve_tcp
 from simulator.sunspec import make_sim_device
@@ -56,6 +57,7 @@ class DeviceSpec:
     fault: str = "none"
     turnaround_ms: float | None = None  # None: the listener's
     night: str = "silent"  # inverters between dusk and dawn: silent | standby (meters always answer)
+    image: str | None = None  # a register image file served instead of the map (simulator/image.py)
 
 
 @dataclass
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pvgate-sim", description="Modbus PV device simulator")
     p.add_argument("-c", "--config", help="simulator file (YAML) for bigger sites")
     p.add_argument("--listen", help="tcp://HOST:PORT, rtu-over-tcp://HOST:PORT or rtu:///dev/ttyX?baudrate=9600&parity=N")
-    p.add_argument("--device", action="append", default=[], metavar="UNIT:PROFILE[:KW]", help="a unit to serve (repeat)")
+    p.add_argument("--device", action="append", default=[], metavar="UNIT:PROFILE[:KW][:image=PATH]",
+                   help="a unit to serve (repeat); image=PATH serves a register image instead of the map")
     p.add_argument("--fault", action="append", default=[], metavar="UNIT:KIND[:ARG]",
                    help="silent, slow:SECONDS[:P], corrupt[:P], exception:CODE[:P], intermittent:P, busy:P")
     p.add_argument("--turnaround", action="append", default=[], metavar="UNIT:MS",
@@ -159,6 +162,11 @@ def _night_arg(spec: SimSpec, text: str) -> None:
 
 
 def _device_arg(text: str) -> DeviceSpec:
+    text, _, image = text.partition(":image=")
+    if image:
+        spec = _device_arg(text)
+        spec.image = image
+        return spec
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0].isdigit():
         raise ValueError(f"--device {text}: expected UNIT:PROFILE or UNIT:PROFILE:KW, e.g. 1:huawei-sun2000")
@@ -180,20 +188,27 @@ def _load_spec(path: Path) -> SimSpec:
         lst = ListenerSpec(chk.get(node, "listen", f"listeners[{i}]", str, "", required=True))
         for j, dev, dline in chk.sequence(node.get("devices"), f"listeners[{i}].devices", chk.line_of(node, "devices")):
             path_ = f"listeners[{i}].devices[{j}]"
-            d = chk.mapping(dev, path_, dline, ("unit", "profile", "rated_kw", "fault", "turnaround_ms", "night"))
+            d = chk.mapping(dev, path_, dline, ("unit", "profile", "rated_kw", "fault", "turnaround_ms", "night",
+                                                "image"))
             if d is not None:
                 lst.devices.append(DeviceSpec(chk.get(d, "unit", path_, int, 1, required=True),
                                               chk.get(d, "profile", path_, str, "", required=True),
                                               chk.get(d, "rated_kw", path_, float, 50.0),
                                               chk.get(d, "fault", path_, str, "none"),
                                               chk.get(d, "turnaround_ms", path_, float, None),
-                                              chk.choice(d, "night", path_, NIGHT_MODES, "silent") or "silent"))
+                                              chk.choice(d, "night", path_, NIGHT_MODES, "silent") or "silent",
+                                              _relative(path, chk.get(d, "image", path_, str, None))))
         listeners.append(lst)
     chk.raise_if_any()
     return SimSpec(listeners, chk.get(root, "timezone", "", str, "Asia/Shanghai"),
                    chk.get(root, "speed", "", float, 1.0), chk.get(root, "start", "", str, None),
                    chk.get(root, "control", "", str, None),
                    [str((path.parent / p).resolve()) for p in (root.get("profiles") or [])])
+
+
+def _relative(sim_file: Path, image: str | None) -> str | None:
+    """An image path in a simulator file is relative to that file."""
+    return None if image is None else str((sim_file.parent / image).resolve())
 
 
 def _sim_start(spec: SimSpec) -> float | None:
@@ -232,6 +247,8 @@ def build_buses(spec: SimSpec, clock: SimClock) -> list[Bus]:
                 continue
             devices[d.unit] = SimDevice(d.unit, profile, plant, clock, Fault.parse(d.fault),
                                         turnaround_s=None if d.turnaround_ms is None else d.turnaround_ms / 1000.0)
+            if d.image:  # the same unit, answering from the vendor's registers instead of the map
+                devices[d.unit] = ImageDevice.from_device(devices[d.unit], load_image(Path(d.image)))
         buses.append(Bus(Listen.parse(lst.listen), devices))
     for bus, lst in zip(buses, spec.listeners):  # what inverters do between dusk and dawn
         for d in lst.devices:

@@ -540,7 +540,7 @@ def test_device_map_unknown_type(tmp_path: Path, env: dict[str, str]) -> None:
 def test_device_map_bad_extends(tmp_path: Path, env: dict[str, str]) -> None:
     site, map_path = site_with_map(tmp_path, "my-inv", "id: my-inv\nextends: huawei-sun2001\npoints:\n"
                                    "  - {key: extra_power, address: 40000, type: i32}\n")
-    expect(site, env, (map_path, 2, "extends", "no device map 'huawei-sun2001'; known: chint-dtsu666"),
+    expect(site, env, (map_path, 2, "extends", "no device map 'huawei-sun2001'; known: acrel-adl3000, chint-dtsu666"),
            (28, "devices[1].profile", "has errors (above)"))
 
 

@@ -223,3 +223,27 @@ def test_shipped_map_has_golden_file(profile_id: str) -> None:
 
 def test_every_golden_file_names_a_shipped_map() -> None:
     assert set(GOLDEN_IDS) <= set(SHIPPED_IDS)
+
+
+# --- meters: one sign convention ------------------------------------------------------------
+
+METER_IDS = [i for i in SHIPPED_IDS if not LIBRARY.get(i).sunspec
+             and {"energy_import", "energy_export"} & {p.key for p in LIBRARY.get(i).points}]
+
+
+@pytest.mark.parametrize("profile_id", METER_IDS)
+def test_exporting_meter_publishes_positive_power(profile_id: str) -> None:
+    """Every meter map has a golden dump of an exporting station, written with the raw words
+    the meter holds by its vendor's own sign, and publishes it as ac_power > 0 (export)."""
+    golden = _load_golden(profile_id)
+    assert golden.get("exporting") is True, (
+        f"{profile_id}: its golden file must describe an exporting station (exporting: true)"
+    )
+    dmap = LIBRARY.get(profile_id)
+    dump = _dump(golden)
+    blocks = plan_device(dmap)
+    values, _ = decode_blocks(blocks, {i: _regs(dump, b.table, b.start, b.count) for i, b in enumerate(blocks)})
+    power = values.get("ac_power")
+    assert isinstance(power, (int, float)) and power > 0, f"{profile_id}: ac_power {power!r} while exporting"
+    phases = [values[k] for k in ("phase_a_power", "phase_b_power", "phase_c_power") if k in values]
+    assert all(isinstance(p, (int, float)) and p > 0 for p in phases), f"{profile_id}: phase powers {phases}"

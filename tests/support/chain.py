@@ -82,7 +82,8 @@ def start_agent(procs: Starter, site: Path, name: str = "agent") -> Proc:
 
 def sim_device(d: SimDev, clock: SimClock, timezone: str = "Asia/Shanghai") -> SimDevice:
     profile = ProfileLibrary.default().get(d.profile)
-    meter = d.profile in ("chint-dtsu666", "eastron-sdm630")
+    # The same rule as pvgate-sim's (simulator/cli.py build_buses).
+    meter = "meter" in profile.name.lower() or d.profile in ("chint-dtsu666", "eastron-sdm630")
     return SimDevice(d.unit, profile, PvPlant(rated_kw=d.rated_kw, seed=d.unit, meter=meter, sun=Sun(timezone)),
                      clock, Fault())
 
