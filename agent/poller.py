@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from drivers.errors import DeviceError, LinkError
 from drivers.link import EXC_BUSY, EXC_ILLEGAL_ADDRESS, LinkClient
 from drivers.model import Block, Device, Event, Link, Point, Reading, Table, Value
 from drivers.plan import block_values, plan_reads
+from drivers.sign import apply_sign, swap_quality
 from drivers.sunspec import DiscoveryError, device_map, discover, without_scale_factors
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,16 @@ class Job:
     busy: int = 0
     retried: bool = False
     reading: Reading | None = None
+
+
+def finite_only(values: dict[str, Value], quality: list[str]) -> tuple[dict[str, Value], list[str]]:
+    """NaN and ±Infinity are not JSON: a strict parser at the center would refuse the whole batch.
+    Such a point is left out and flagged `invalid:<key>` (Contract 2)."""
+    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return values, quality
+    return ({k: v for k, v in values.items() if k not in bad},
+            quality + [f"invalid:{k}" for k in bad if f"invalid:{k}" not in quality])
 
 
 class LinkWorker:
@@ -258,6 +270,8 @@ class LinkWorker:
             return True
         registers = {i: job.registers[b] for i, b in enumerate(state.blocks)}
         values, quality = decode_blocks(state.blocks, registers)
+        values, quality = apply_sign(values, device), swap_quality(quality, device)
+        values, quality = finite_only(values, quality)
         quality += [f"unsupported:{k}" for k in sorted(state.unsupported)]
         job.reading = Reading(device.id, job.ts_ms, values, quality)
         await self._succeeded(state, job.reading)

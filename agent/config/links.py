@@ -13,7 +13,7 @@ from drivers.yamlsrc import Checker, LDict
 LINK_KEYS = ("id", "type", "host", "port", "baudrate", "parity", "stopbits", "bytesize",
              "timeout", "retries", "inter_frame")
 DEVICE_KEYS = ("id", "link", "unit", "profile", "interval", "timeout", "retries",
-               "offline_after", "backoff_max")
+               "offline_after", "backoff_max", "invert_power")
 
 
 def links_section(root: LDict, chk: Checker) -> tuple[list[Link], set[str] | None]:
@@ -169,8 +169,9 @@ def _device(node: LDict, path: str, dev_id: str | None, chk: Checker, links: dic
     if not 1 <= offline_after <= 1000:
         chk.problem(chk.line_of(node, "offline_after"), f"{path}.offline_after", "expected 1..1000 failed polls")
     backoff = chk.duration(node, "backoff_max", path, 300.0, 1.0)
+    invert = chk.get(node, "invert_power", path, bool, False)
     if dev_id is None or link is None or profile is None:
         return None
-    return Device(dev_id, link.id, unit, profile, interval, timeout, retries, offline_after, backoff)
+    return Device(dev_id, link.id, unit, profile, interval, timeout, retries, offline_after, backoff, invert)
 
 
