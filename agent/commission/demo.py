@@ -178,7 +178,10 @@ def run_demo(seconds: float = 0.0, speed: float = 60.0, workdir: str | None = No
     try:
         procs.append(_start_broker(work, broker_port, broker))
         sim_cmd = [sys.executable, "-m", "simulator.cli", "--listen", f"tcp://127.0.0.1:{modbus_port}",
-                   "--speed", f"{speed:g}", "--start", "09:30"]
+                   "--speed", f"{speed:g}", "--start", "09:30",
+                   # Until the agent tells sleep from offline, a demo left running past dusk would
+                   # show every inverter offline: its inverters stay in standby at night.
+                   "--night", "standby"]
         for _, unit, profile, kw in DEVICES:
             sim_cmd += ["--device", f"{unit}:{profile}:{kw}"]
         sim = subprocess.Popen(sim_cmd, stdout=open(work / "sim.log", "wb"), stderr=subprocess.STDOUT)
