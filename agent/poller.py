@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import logging
 import time
 from collections.abc import Callable
@@ -34,12 +33,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.logutil import RateLimitedLog
-from drivers.decode import active_bits, decode_blocks, decode_points
+from drivers.decode import active_bits, decode_points
 from drivers.errors import DeviceError, LinkError
 from drivers.link import EXC_BUSY, EXC_ILLEGAL_ADDRESS, LinkClient
 from drivers.model import Block, Device, Event, Link, Point, Reading, Table, Value
 from drivers.plan import block_values, plan_reads
-from drivers.sign import apply_sign, swap_quality
+from drivers.publishable import published_values
 from drivers.sunspec import DiscoveryError, device_map, discover, without_scale_factors
 
 log = logging.getLogger(__name__)
@@ -96,16 +95,6 @@ class Job:
     busy: int = 0
     retried: bool = False
     reading: Reading | None = None
-
-
-def finite_only(values: dict[str, Value], quality: list[str]) -> tuple[dict[str, Value], list[str]]:
-    """NaN and ±Infinity are not JSON: a strict parser at the center would refuse the whole batch.
-    Such a point is left out and flagged `invalid:<key>` (Contract 2)."""
-    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
-    if not bad:
-        return values, quality
-    return ({k: v for k, v in values.items() if k not in bad},
-            quality + [f"invalid:{k}" for k in bad if f"invalid:{k}" not in quality])
 
 
 class LinkWorker:
@@ -269,9 +258,7 @@ class LinkWorker:
             self._failed(job, "every point refused with illegal address")
             return True
         registers = {i: job.registers[b] for i, b in enumerate(state.blocks)}
-        values, quality = decode_blocks(state.blocks, registers)
-        values, quality = apply_sign(values, device), swap_quality(quality, device)
-        values, quality = finite_only(values, quality)
+        values, quality = published_values(device, state.blocks, registers)
         quality += [f"unsupported:{k}" for k in sorted(state.unsupported)]
         job.reading = Reading(device.id, job.ts_ms, values, quality)
         await self._succeeded(state, job.reading)

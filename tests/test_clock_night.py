@@ -41,8 +41,10 @@ def _sun() -> tuple[float, float]:
 def test_kind_of_every_shipped_map() -> None:
     lib = ProfileLibrary.default()
     kinds = {i: device_kind(p.key for p in lib.get(i).points) for i in lib.ids()}
-    assert kinds == {"chint-dtsu666": "meter", "eastron-sdm630": "meter", "goodwe-dt": "inverter",
-                     "growatt-tl3x": "inverter", "huawei-sun2000": "inverter", "sungrow-sg": "inverter",
+    assert kinds == {"acrel-adl3000": "meter", "chint-dtsu666": "meter", "chint-dtsu666-4000": "meter",
+                     "chint-dtsu666-h": "meter", "eastron-sdm630": "meter", "goodwe-dt": "inverter",
+                     "growatt-min": "inverter", "growatt-tl3x": "inverter", "huawei-sun2000": "inverter",
+                     "solis-3p": "inverter", "sungrow-sg": "inverter", "sungrow-sg-ktlm": "inverter",
                      "sunspec": "unknown"}  # SunSpec: known once its model chain is discovered
     assert device_kind(["ac_power", "pv1_voltage"]) == "inverter"
 

@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
+from test_poller_unit import LINK, FakeClient, Recorder, Unit, run
 
 from agent.config import load_site
-from agent.poller import LinkWorker, finite_only
+from agent.poller import LinkWorker
 from drivers.errors import ConfigError
 from drivers.model import DataType, Device, DeviceMap, Point, Reading, Table
-from test_poller_unit import LINK, FakeClient, Recorder, Unit, run
+from drivers.publishable import finite_only
 
 INF_F32 = [0x7F80, 0x0000]  # IEEE 754 +Infinity
 NAN_F32 = [0x7FC0, 0x0000]
