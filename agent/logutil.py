@@ -20,8 +20,7 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pymodbus", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL if noisy == "pymodbus" else logging.WARNING)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
 class RateLimitedLog:

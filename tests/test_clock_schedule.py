@@ -230,3 +230,21 @@ def test_realign_moves_pending_ticks_onto_wall_multiples() -> None:
     before = sched.job("a").next_due
     sched.realign()
     assert sched.job("a").next_due == before  # untrusted: nothing to align to
+
+
+def test_stop_right_after_removing_every_job_ends_the_task() -> None:
+    """remove() sets the wake event and stop() cancels in the same turn: on Python 3.11 a
+    wait_for-based loop swallowed that cancel and never ended (the agent hung on SIGTERM)."""
+
+    async def main() -> None:
+        for _ in range(100):
+            sched = PollSchedule()
+            sched.add("a", 1.0, lambda: None)
+            sched.start()
+            await asyncio.sleep(0.001)
+            for job in sched.jobs():
+                sched.remove(job.id)
+            await asyncio.wait_for(sched.stop(), 2.0)
+            assert not sched.running
+
+    asyncio.run(main())

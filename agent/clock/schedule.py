@@ -223,9 +223,11 @@ class PollSchedule:
             due = self._earliest()
             now = self._mono()
             if due is None or due > now:
-                timeout = None if due is None else due - now
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives
+                # as the event is set (stop() right after remove()), and the task never ends.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(None if due is None else due - now):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 continue

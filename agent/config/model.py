@@ -17,6 +17,8 @@ class SiteInfo:
     name: str
     timezone: str
     capacity_kwp: float | None
+    lat: float | None = None  # site.location: sunrise and sunset for night mode
+    lon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class AgentConfig:
     state_dir: str
     health_interval_s: float = 60.0
     log_level: str = "INFO"
+    # kernel: the clock is trusted when the kernel says it is synchronised (NTP, chrony, timesyncd);
+    # assume: trusted whenever it is past the release date (a battery RTC set by the technician).
+    clock_sync: str = "kernel"
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ from drivers.yamlsrc import Checker, LDict, load_file
 SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 TOP_KEYS = ("site", "mqtt", "buffer", "links", "devices", "agent")
-SITE_KEYS = ("id", "name", "timezone", "capacity_kwp")
+SITE_KEYS = ("id", "name", "timezone", "capacity_kwp", "location")
+LOCATION_KEYS = ("lat", "lon")
 MQTT_KEYS = ("host", "port", "tls", "username", "password", "password_file", "topic_prefix",
              "client_id", "keepalive", "batch_max", "inflight")
 BUFFER_KEYS = ("path", "max_mb", "keep_sent_days", "commit_interval", "min_free_mb")
-AGENT_KEYS = ("state_dir", "health_interval", "log_level")
+AGENT_KEYS = ("state_dir", "health_interval", "log_level", "clock_sync")
 
 
 def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteConfig:
@@ -84,7 +85,24 @@ def _site(node: LDict, chk: Checker, present: bool) -> SiteInfo:
     cap = chk.get(node, "capacity_kwp", "site", float, None)
     if cap is not None and cap <= 0:
         chk.problem(chk.line_of(node, "capacity_kwp"), "site.capacity_kwp", "expected a number of kWp above 0")
-    return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap)
+    lat, lon = _location(node, chk)
+    return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap, lat, lon)
+
+
+def _location(node: LDict, chk: Checker) -> tuple[float | None, float | None]:
+    """site.location {lat, lon}: where the sun rises and sets for night mode (optional)."""
+    if "location" not in node:
+        return None, None
+    loc = chk.mapping(node["location"], "site.location", chk.line_of(node, "location"), LOCATION_KEYS)
+    if loc is None:
+        return None, None
+    lat = chk.get(loc, "lat", "site.location", float, None, required=True)
+    lon = chk.get(loc, "lon", "site.location", float, None, required=True)
+    if lat is not None and not -90 <= lat <= 90:
+        chk.problem(chk.line_of(loc, "lat"), "site.location.lat", "expected degrees north, -90..90 (e.g. 36.84)")
+    if lon is not None and not -180 <= lon <= 180:
+        chk.problem(chk.line_of(loc, "lon"), "site.location.lon", "expected degrees east, -180..180 (e.g. 112.85)")
+    return lat, lon
 
 
 def _check_timezone(tz: str, node: LDict, chk: Checker) -> None:
@@ -103,7 +121,9 @@ def _agent(node: LDict, chk: Checker) -> AgentConfig:
         chk.problem(chk.line_of(node, "state_dir"), "agent.state_dir", "expected a directory path")
         state = DEFAULT_STATE_DIR
     level = chk.choice(node, "log_level", "agent", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
-    return AgentConfig(state, chk.duration(node, "health_interval", "agent", 60.0, 1.0), level or "INFO")
+    sync = chk.choice(node, "clock_sync", "agent", ("kernel", "assume"), "kernel")
+    return AgentConfig(state, chk.duration(node, "health_interval", "agent", 60.0, 1.0), level or "INFO",
+                       sync or "kernel")
 
 
 def _buffer(node: LDict, chk: Checker, state_dir: str) -> BufferConfig:

@@ -16,6 +16,7 @@ from agent import __version__
 from agent.config import SiteConfig
 from agent.poller import LinkWorker
 from agent.service.supervision import Supervision
+from agent.service.timekeeping import Timekeeper
 from agent.store.buffer import Buffer
 from agent.store.writer import BufferWriter
 from agent.uplink.commands import CommandHandler
@@ -42,6 +43,8 @@ class AgentView(Protocol):
     @property
     def missed_ticks(self) -> int: ...
     @property
+    def timekeeper(self) -> Timekeeper: ...
+    @property
     def reloads(self) -> int: ...
     @property
     def last_reload(self) -> dict[str, Any] | None: ...
@@ -67,12 +70,13 @@ def links_and_devices(agent: AgentView, values: bool, detail: bool) -> tuple[dic
                                "busy_s": round(worker.busy_s, 1)})
         for did, st in list(worker.states.items()):
             overruns += st.overruns
-            dev: dict[str, Any] = {"online": bool(st.online), "last_good_ts": st.last_good_ms,
+            dev: dict[str, Any] = {"online": bool(st.online), "asleep": st.asleep, "last_good_ts": st.last_good_ms,
                                    "consecutive_failures": st.failures, "polls": st.polls,
                                    "failed_polls": st.failed_polls, "overruns": st.overruns,
                                    "busy_answers": st.busy_answers, "bus_s": round(st.bus_s, 1)}
             if detail:
-                dev.update({"state": {True: "online", False: "offline", None: "unknown"}[st.online],
+                state = "asleep" if st.asleep else {True: "online", False: "offline", None: "unknown"}[st.online]
+                dev.update({"state": state,
                             "link": lid, "unit": st.device.unit, "profile": st.device.profile.id,
                             "interval_s": st.device.interval_s})
             if values:
@@ -106,7 +110,8 @@ def health_message(agent: AgentView) -> dict[str, Any]:
         "v": 1, "site": agent.cfg.site.id, "ts": now_ms, "version": __version__,
         "uptime_s": agent.uptime_s(),
         "links": links, "devices": devices, "poll_overruns": overruns + agent.missed_ticks,
-        "devices_online": sum(1 for d in devices.values() if d["online"]), "devices_total": len(devices),
+        "devices_online": sum(1 for d in devices.values() if d["online"]),
+        "devices_asleep": sum(1 for d in devices.values() if d["asleep"]), "devices_total": len(devices),
         "buffer": buffer,
         "dropped": {"unsent": buffer["dropped_unsent"], "memory": buffer["memory_dropped"]},
         "disk_free_bytes": disk_free(agent),
@@ -114,6 +119,7 @@ def health_message(agent: AgentView) -> dict[str, Any]:
                  "acked_rows": pub.stats.acked_rows, "connects": pub.stats.connects,
                  "replayed_rows": pub.stats.replayed_rows, "resent_rows": pub.stats.resent_rows},
         "reloads": agent.reloads,
+        "clock": agent.timekeeper.snapshot(),
         "commands": {"handled": agent.commands.handled, "refused": agent.commands.refused},
         **({"watchdog_stalled": agent.supervision.stalled} if agent.supervision.watchdog is not None else {}),
     }
@@ -135,6 +141,7 @@ def status_snapshot(agent: AgentView, values: bool = True) -> dict[str, Any]:
         "buffer": buffer_state(agent, now_ms),
         "disk_free_bytes": disk_free(agent),
         "poll_overruns": overruns + agent.missed_ticks,
+        "clock": agent.timekeeper.snapshot(),
         "watchdog": {"enabled": agent.supervision.watchdog is not None, "stalled": agent.supervision.stalled},
         "links": links, "devices": devices,
     }

@@ -24,20 +24,16 @@ on-demand reads in agent/service/ondemand.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import math
 import os
 import signal
 import time
 from collections.abc import Coroutine, Iterable, Mapping
-from datetime import datetime, timezone
 from typing import Any
 
-from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.interval import IntervalTrigger
-
 from agent import __version__
+from agent.clock.schedule import PollSchedule
 from agent.config import SiteConfig, load_site
 from agent.logutil import RateLimitedLog
 from agent.poller import DeviceState, LinkWorker
@@ -47,6 +43,7 @@ from agent.service.reload import RELOAD_DRAIN_S, STOP_GRACE_S, Reloader
 from agent.service.sdnotify import SdNotifier
 from agent.service.status import StatusServer, socket_path
 from agent.service.supervision import Supervision
+from agent.service.timekeeping import Timekeeper
 from agent.store.buffer import Buffer
 from agent.store.writer import BufferWriter
 from agent.uplink.commands import CommandHandler
@@ -55,12 +52,7 @@ from drivers.errors import ConfigError
 from drivers.model import Device, Event, Value
 
 log = logging.getLogger(__name__)
-
-
-def aligned_start(interval_s: float, now: float | None = None) -> datetime:
-    """The next wall-clock instant that is a whole multiple of the interval (10s -> :00, :10, ...)."""
-    now = time.time() if now is None else now
-    return datetime.fromtimestamp(math.ceil(now / interval_s) * interval_s, tz=timezone.utc)
+PRUNE_EVERY_S = 600.0
 
 
 class Agent:
@@ -70,11 +62,14 @@ class Agent:
         self.notifier = notifier if notifier is not None else SdNotifier.from_env()
         self.buffer = Buffer(cfg.buffer.path, cfg.buffer.max_mb, cfg.buffer.keep_sent_days, cfg.buffer.min_free_mb)
         self.writer = BufferWriter(self.buffer, cfg.buffer.commit_interval_s)
+        self.timekeeper = Timekeeper(cfg, self.buffer, self.writer.put, self.writer.flush)
+        # Polls are timed on the monotonic clock; wall-clock steps cannot stop or burst them.
+        self.schedule = PollSchedule(wall=lambda: time.time(), trusted=lambda: self.timekeeper.trusted,
+                                     on_overrun=self._overrun)
         self.workers, _ = self.build_workers(cfg, {})
         self.commands = CommandHandler(self)
         self.publisher = self.make_publisher(cfg)
         self.status_server = StatusServer(socket_path(cfg.agent.state_dir), self._status_request)
-        self.scheduler: AsyncIOScheduler | None = None
         self.missed_ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
@@ -97,6 +92,7 @@ class Agent:
         counters), and a device on it whose link, unit and map did not change keeps its state
         (online, failures, backoff, learned splits): a reload is not an outage. Returns the
         workers and the ids of the devices that start afresh."""
+        self.timekeeper.configure(cfg)
         workers: dict[str, LinkWorker] = {}
         carried: list[tuple[LinkWorker, DeviceState, Device]] = []
         fresh: set[str] = set()
@@ -107,7 +103,8 @@ class Agent:
             prev = old.get(link.id)
             same_link = prev is not None and prev.link == link
             worker = LinkWorker(link, devices, self.writer.put, self.buffer.put_identity,
-                                client=prev.client if prev is not None and same_link else None)
+                                client=prev.client if prev is not None and same_link else None,
+                                stamp=self.timekeeper.stamp, night=self.timekeeper)
             for device in devices:
                 state = prev.states.get(device.id) if prev is not None and same_link else None
                 if (state is not None and state.device.unit == device.unit
@@ -159,6 +156,7 @@ class Agent:
             self.start_scheduler(poll_now=[d.id for d in self.cfg.devices])
             await self.status_server.start()
             self.spawn(self.supervision.heartbeat(), "heartbeat")
+            self.spawn(self.timekeeper.run(self.schedule.realign), "clock")
             self.supervision.arm_test_wedge()
             log.info("device=_site pvgate %s running: site %s, %d links, %d devices, buffer %s",
                      __version__, self.cfg.site.id, len(self.workers), len(self.cfg.devices), self.cfg.buffer.path)
@@ -190,18 +188,11 @@ class Agent:
         self._tasks = {}
 
     def start_scheduler(self, poll_now: Iterable[str]) -> None:
-        sched = AsyncIOScheduler(timezone=timezone.utc, job_defaults={
-            "coalesce": True, "max_instances": 1, "misfire_grace_time": 5})
         for device in self.cfg.devices:
             worker = self.workers[device.link]
-            trigger = IntervalTrigger(seconds=device.interval_s, start_date=aligned_start(device.interval_s),
-                                      timezone=timezone.utc)
-            sched.add_job(self._tick, trigger, args=(worker, device.id), id=f"poll-{device.id}",
-                          misfire_grace_time=max(1, int(device.interval_s)))
-        sched.add_job(self._prune, IntervalTrigger(minutes=10, timezone=timezone.utc), id="prune")
-        sched.add_listener(self._job_missed, EVENT_JOB_MISSED)
-        sched.start()
-        self.scheduler = sched
+            self.schedule.add(f"poll-{device.id}", device.interval_s, functools.partial(self._tick, worker, device.id))
+        self.schedule.add("prune", PRUNE_EVERY_S, lambda: self.spawn(self._prune(), "prune"))
+        self.schedule.start()
         # Poll once right away: a technician restarting the agent wants data now, not at :10.
         for device_id in poll_now:
             owner = worker_of(self.workers, device_id)
@@ -209,24 +200,24 @@ class Agent:
                 owner.request(device_id)
 
     def stop_scheduler(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
-            self.scheduler = None
+        """No more ticks (the schedule's task stays, idle, for the next start_scheduler)."""
+        for job in self.schedule.jobs():
+            self.schedule.remove(job.id)
 
-    async def _tick(self, worker: LinkWorker, device_id: str) -> None:
+    def _tick(self, worker: LinkWorker, device_id: str) -> None:
         state = worker.states.get(device_id)
         if state is not None and state.queued and device_id in self.reads.pending:
             return  # an on-demand read is this tick's poll: not an overrun
         worker.request(device_id)
 
-    def _job_missed(self, event: JobExecutionEvent) -> None:
-        job_id = str(event.job_id)
+    def _overrun(self, job_id: str, skipped: int) -> None:
+        """Ticks the event loop could not serve in time (counted once each, never run late)."""
         if not job_id.startswith("poll-"):
             return
-        self.missed_ticks += 1
+        self.missed_ticks += skipped
         device = job_id[len("poll-"):]
-        self._rl.warning(f"missed:{device}", "device=%s poll tick missed: the agent was too busy (counted as overrun)",
-                         device)
+        self._rl.warning(f"missed:{device}", "device=%s %d poll tick(s) missed: the agent was too busy "
+                         "(counted as overruns)", device, skipped)
 
     async def _prune(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.buffer.prune_sent)
@@ -252,6 +243,7 @@ class Agent:
             except asyncio.TimeoutError:
                 log.warning("device=_site stopping while a reload is still in progress")
         self.stop_scheduler()
+        await self.schedule.stop()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -326,4 +318,4 @@ def site_event(kind: str, **details: Value) -> Event:
     return Event("_site", int(time.time() * 1000), kind, dict(details))
 
 
-__all__ = ["Agent", "ConfigError", "aligned_start", "run_agent"]
+__all__ = ["Agent", "ConfigError", "run_agent"]

@@ -230,6 +230,26 @@ class Buffer:
                 raise StorageError(f"cannot prune the buffer: {err}") from err
             return before - sql.counter(self._db, "rows")
 
+    def restamp(self, first: int, last: int, delta_ms: int, flag: str, new_flag: str) -> int:
+        """Move the unsent readings with first <= seq <= last that carry `flag` by delta_ms, and flag
+        them `new_flag` instead (a clock step brought the wall clock into trust). Returns the count."""
+        if last < first:
+            return 0
+        old, new = f'"{flag}"', f'"{new_flag}"'  # flags are JSON strings inside the body's "q" array
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                n = db.execute("UPDATE record SET ts = ts + ?, body = replace(body, ?, ?) "
+                               "WHERE seq BETWEEN ? AND ? AND kind = ? AND instr(body, ?) > 0 "
+                               "AND seq IN (SELECT seq FROM unsent WHERE seq BETWEEN ? AND ?)",
+                               (delta_ms, old, new, first, last, KIND_DATA, old, first, last)).rowcount
+                db.execute("COMMIT")
+            except sqlite3.Error as err:
+                sql.rollback(db)
+                raise StorageError(f"cannot re-stamp buffered readings: {err}") from err
+        return int(n)
+
     # -- identities --------------------------------------------------------------------------
 
     def put_identity(self, device: str, identity: dict[str, object]) -> None:

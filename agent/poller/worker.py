@@ -13,7 +13,9 @@ overloaded bus delays everyone a little instead of starving someone for good.
 
 A device is reported offline after `offline_after` failed polls and from then on only probed,
 one attempt without retries, with a backoff that doubles from its interval up to `backoff_max`.
-When it answers again it is reported online and polled normally. A link that is down (port
+When it answers again it is reported online and polled normally. An inverter that falls silent at
+night is asleep, not offline (the runtime's night policy decides): `sleep` and `wake` events
+instead, probed rarely until dawn, and reported offline after all if it stays silent in daylight. A link that is down (port
 gone, DTU unreachable) costs no bus time, so it does not push the devices' probes back: they are
 tried again at their next interval, and answer as soon as the link is back.
 
@@ -28,11 +30,24 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from agent.logutil import RateLimitedLog
+from agent.poller.state import (
+    BUSY_DELAY_S,
+    BUSY_RETRIES,
+    CLASS_DUE,
+    CLASS_PROBE,
+    CLASS_RETRY,
+    DeviceState,
+    IdentitySink,
+    Job,
+    NightPolicy,
+    Sink,
+    Stamp,
+    wall_stamp,
+)
 from drivers.decode import active_bits, decode_points
 from drivers.errors import DeviceError, LinkError
 from drivers.link import EXC_BUSY, EXC_ILLEGAL_ADDRESS, LinkClient
@@ -42,67 +57,17 @@ from drivers.publishable import published_values
 from drivers.sunspec import DiscoveryError, device_map, discover, without_scale_factors
 
 log = logging.getLogger(__name__)
-Sink = Callable[[Reading | Event], None]
-IdentitySink = Callable[[str, dict[str, Any]], None]  # device id, nameplate values
-
-CLASS_DUE = 0  # a healthy device's poll
-CLASS_RETRY = 1  # a retry, or a device whose last poll failed
-CLASS_PROBE = 2  # an offline device's probe
-BUSY_RETRIES = 3  # exception 6 answers tolerated per poll
-BUSY_DELAY_S = 0.2  # first wait after "busy"; grows linearly
-
-
-@dataclass
-class DeviceState:
-    device: Device
-    blocks: list[Block] = field(default_factory=list)
-    splits: set[tuple[Table, int]] = field(default_factory=set)
-    unsupported: set[str] = field(default_factory=set)
-    online: bool | None = None  # None until the first poll decides
-    failures: int = 0
-    backoff_s: float = 0.0
-    next_probe: float = 0.0
-    queued: bool = False
-    polls: int = 0
-    failed_polls: int = 0
-    overruns: int = 0
-    busy_answers: int = 0
-    bus_s: float = 0.0  # bus time this device's polls took, answered or not
-    last_good_ms: int | None = None
-    last_values: dict[str, Value] = field(default_factory=dict)
-    alarm_bits: dict[str, int] = field(default_factory=dict)
-    identity_read: bool = False
-    discovered: bool = False  # SunSpec: the model chain was walked and the points placed
-
-    def replan(self) -> None:
-        dmap = self.device.profile
-        points = [p for p in dmap.points if p.key not in self.unsupported]
-        self.blocks = plan_reads(points, dmap.max_block, dmap.max_gap, dmap.holes, self.splits)
-
-
-@dataclass
-class Job:
-    """One requested poll of one device, possibly spread over several turns on the bus."""
-
-    state: DeviceState
-    seq: int
-    requested: float  # monotonic time of the request (the interval tick)
-    probe: bool
-    attempts_left: int  # for "no answer": 1 + retries for a healthy device, else 1
-    ts_ms: int = 0  # when the poll started (first transaction), UTC epoch ms
-    registers: dict[Block, list[int]] = field(default_factory=dict)
-    not_before: float = 0.0
-    busy: int = 0
-    retried: bool = False
-    reading: Reading | None = None
 
 
 class LinkWorker:
     """Polls the devices of one link, one transaction at a time, live devices first."""
 
     def __init__(self, link: Link, devices: list[Device], sink: Sink,
-                 identity_sink: IdentitySink | None = None, client: LinkClient | None = None) -> None:
+                 identity_sink: IdentitySink | None = None, client: LinkClient | None = None,
+                 stamp: Stamp = wall_stamp, night: NightPolicy | None = None) -> None:
         self.link = link
+        self.stamp = stamp
+        self.night = night
         self.client = client or LinkClient(link)
         self.sink = sink
         self.identity_sink = identity_sink
@@ -214,7 +179,7 @@ class LinkWorker:
             # Resumed after waiting its turn: read everything again, so that the reading's
             # values belong to its timestamp (a retry is rare; stale values are not).
             job.registers.clear()
-        job.ts_ms = int(time.time() * 1000)
+        job.ts_ms, job.flags = self.stamp()
         timeout = self._timeout(device)
         if device.profile.sunspec and not state.discovered:
             if not await self._discover(job, timeout):
@@ -259,7 +224,7 @@ class LinkWorker:
             return True
         registers = {i: job.registers[b] for i, b in enumerate(state.blocks)}
         values, quality = published_values(device, state.blocks, registers)
-        quality += [f"unsupported:{k}" for k in sorted(state.unsupported)]
+        quality += [*(f"unsupported:{k}" for k in sorted(state.unsupported)), *job.flags]
         job.reading = Reading(device.id, job.ts_ms, values, quality)
         await self._succeeded(state, job.reading)
         return True
@@ -305,11 +270,13 @@ class LinkWorker:
     async def _succeeded(self, state: DeviceState, reading: Reading) -> None:
         device = state.device
         if state.online is not True:
+            kind = "wake" if state.asleep else "online"
             if state.online is False:
-                log.info("device=%s answers again: online", device.id)
-            self.sink(Event(device.id, reading.ts_ms, "online", {"unit": device.unit, "link": self.link.id}))
+                log.info("device=%s answers again: %s", device.id, "awake" if state.asleep else "online")
+            self.sink(Event(device.id, reading.ts_ms, kind, {"unit": device.unit, "link": self.link.id}))
             self._rl.reset(f"fail:{device.id}")
         state.online = True
+        state.asleep = False
         state.failures = 0
         state.backoff_s = 0.0
         state.last_good_ms = reading.ts_ms
@@ -324,22 +291,52 @@ class LinkWorker:
         device = state.device
         state.failures += 1
         state.failed_polls += 1
-        self._rl.warning(f"fail:{device.id}", "device=%s poll failed (%d in a row): %s",
-                         device.id, state.failures, reason)
+        if not state.asleep:
+            self._rl.warning(f"fail:{device.id}", "device=%s poll failed (%d in a row): %s",
+                             device.id, state.failures, reason)
         if state.online is not False and state.failures >= device.offline_after:
-            state.online = False
-            state.backoff_s = device.interval_s
-            self.sink(Event(device.id, int(time.time() * 1000), "offline",
-                            {"reason": f"no answer after {state.failures} polls: {reason}",
-                             "unit": device.unit, "link": self.link.id}))
-            log.warning("device=%s offline after %d failed polls; probing it with backoff up to %gs",
-                        device.id, state.failures, device.backoff_max_s)
+            self._silent(state, f"no answer after {state.failures} polls: {reason}", link)
+        elif state.asleep and not link:
+            self._still_asleep(state, reason)
         elif state.online is False and not link:
             state.backoff_s = min(max(state.backoff_s * 2, device.interval_s), device.backoff_max_s)
         if state.online is False:
             # Counted from the tick that asked for this poll, so the probe lands on a tick.
             backoff = 0.0 if link else state.backoff_s
             state.next_probe = job.requested + 0.95 * backoff
+
+    def _silent(self, state: DeviceState, reason: str, link: bool) -> None:
+        """The device stopped answering: asleep (an inverter at night) or offline."""
+        device = state.device
+        asleep, why = (False, "") if link or self.night is None else self.night.asleep(device, state.last_values)
+        state.online = False
+        state.asleep = asleep
+        details: dict[str, Value] = {"reason": f"{reason} ({why})" if why else reason,
+                                     "unit": device.unit, "link": self.link.id}
+        self.sink(Event(device.id, int(time.time() * 1000), "sleep" if asleep else "offline", details))
+        if asleep and self.night is not None:
+            state.backoff_s = self.night.sleep_probe_s(device)
+            log.info("device=%s asleep after %d silent polls (%s); probed every %.0f s until dawn",
+                     device.id, state.failures, why, state.backoff_s)
+        else:
+            state.backoff_s = device.interval_s
+            log.warning("device=%s offline after %d failed polls; probing it with backoff up to %gs",
+                        device.id, state.failures, device.backoff_max_s)
+
+    def _still_asleep(self, state: DeviceState, reason: str) -> None:
+        """A sleeping device that is still silent: asleep until the day says otherwise."""
+        assert self.night is not None
+        device = state.device
+        asleep, why = self.night.asleep(device, state.last_values)
+        if asleep:
+            state.backoff_s = self.night.sleep_probe_s(device)
+            return
+        state.asleep = False  # daylight and still silent: a real fault
+        state.backoff_s = device.interval_s
+        self.sink(Event(device.id, int(time.time() * 1000), "offline",
+                        {"reason": f"still silent after night: {reason} ({why})", "unit": device.unit,
+                         "link": self.link.id}))
+        log.warning("device=%s did not wake: offline (%s)", device.id, why)
 
     def _alarm_events(self, state: DeviceState, reading: Reading) -> None:
         for point in state.device.profile.points:

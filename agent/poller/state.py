@@ -1,0 +1,85 @@
+"""What a link worker keeps per device (DeviceState), its work items (Job), and the hooks it is given:
+the clock that stamps a poll and the night policy that tells a sleeping inverter from a dead one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from drivers.model import Block, Device, Event, Reading, Table, Value
+from drivers.plan import plan_reads
+
+Sink = Callable[[Reading | Event], None]
+IdentitySink = Callable[[str, dict[str, Any]], None]  # device id, nameplate values
+Stamp = Callable[[], tuple[int, tuple[str, ...]]]  # the poll's ts (UTC ms) and its clock flags
+
+
+def wall_stamp() -> tuple[int, tuple[str, ...]]:
+    return int(time.time() * 1000), ()
+
+
+class NightPolicy(Protocol):
+    """Tells a sleeping inverter from a dead one (agent/service/timekeeping.py provides it)."""
+
+    def asleep(self, device: Device, last_values: Mapping[str, Value]) -> tuple[bool, str]:
+        """Whether a device that stopped answering now is asleep, and why."""
+        ...
+
+    def sleep_probe_s(self, device: Device) -> float:
+        """Seconds until a sleeping device is asked again (its interval again from dawn)."""
+        ...
+
+CLASS_DUE = 0  # a healthy device's poll
+CLASS_RETRY = 1  # a retry, or a device whose last poll failed
+CLASS_PROBE = 2  # an offline device's probe
+BUSY_RETRIES = 3  # exception 6 answers tolerated per poll
+BUSY_DELAY_S = 0.2  # first wait after "busy"; grows linearly
+
+
+@dataclass
+class DeviceState:
+    device: Device
+    blocks: list[Block] = field(default_factory=list)
+    splits: set[tuple[Table, int]] = field(default_factory=set)
+    unsupported: set[str] = field(default_factory=set)
+    online: bool | None = None  # None until the first poll decides
+    asleep: bool = False  # not answering, and the night policy says it sleeps (online is False)
+    failures: int = 0
+    backoff_s: float = 0.0
+    next_probe: float = 0.0
+    queued: bool = False
+    polls: int = 0
+    failed_polls: int = 0
+    overruns: int = 0
+    busy_answers: int = 0
+    bus_s: float = 0.0  # bus time this device's polls took, answered or not
+    last_good_ms: int | None = None
+    last_values: dict[str, Value] = field(default_factory=dict)
+    alarm_bits: dict[str, int] = field(default_factory=dict)
+    identity_read: bool = False
+    discovered: bool = False  # SunSpec: the model chain was walked and the points placed
+
+    def replan(self) -> None:
+        dmap = self.device.profile
+        points = [p for p in dmap.points if p.key not in self.unsupported]
+        self.blocks = plan_reads(points, dmap.max_block, dmap.max_gap, dmap.holes, self.splits)
+
+
+@dataclass
+class Job:
+    """One requested poll of one device, possibly spread over several turns on the bus."""
+
+    state: DeviceState
+    seq: int
+    requested: float  # monotonic time of the request (the interval tick)
+    probe: bool
+    attempts_left: int  # for "no answer": 1 + retries for a healthy device, else 1
+    ts_ms: int = 0  # when the poll started (first transaction), UTC epoch ms
+    flags: tuple[str, ...] = ()  # clock quality of ts_ms (clock:unsynced)
+    registers: dict[Block, list[int]] = field(default_factory=dict)
+    not_before: float = 0.0
+    busy: int = 0
+    retried: bool = False
+    reading: Reading | None = None
