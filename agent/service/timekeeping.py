@@ -107,6 +107,7 @@ class Timekeeper:
         self.steps = 0
         self.restamped = 0
         self._stretches: list[_Stretch] = []
+        self._pending: list[ClockStep] = []  # steps seen by stamp(), announced by run()
         if not self.watch.trusted:
             self._stretches.append(_Stretch(buffer.last_seq(), self.watch.offset_s))
             log.warning("device=_site the system clock is not synchronised: readings are flagged %s until it is",
@@ -124,8 +125,15 @@ class Timekeeper:
         return self.watch.trusted
 
     def stamp(self) -> tuple[int, tuple[str, ...]]:
-        """A poll's timestamp (UTC ms) and its clock flags."""
-        ts = int(time.time() * 1000)
+        """A poll's timestamp (UTC ms) and its clock flags. A step not yet seen by the once-a-second
+        check is seen here first, so no reading is stamped on the new clock under the old trust
+        (it would then be re-stamped a second time)."""
+        wall = time.time()
+        if abs(wall - time.monotonic() - self.watch.offset_s) > self.watch.tolerance_s:
+            step = self.watch.check()
+            if step is not None:
+                self._pending.append(step)
+        ts = int(wall * 1000)
         return ts, () if self.watch.trusted and ts >= RELEASE_FLOOR_MS else (UNSYNCED,)
 
     def snapshot(self) -> dict[str, object]:
@@ -145,10 +153,12 @@ class Timekeeper:
             was_trusted = self.watch.trusted
             step = self.watch.check()
             if step is not None:
-                await loop.run_in_executor(None, self._stepped, step)
-                on_step()
-            elif was_trusted and not self.watch.trusted:
+                self._pending.append(step)
+            elif was_trusted and not self.watch.trusted and not self._pending:
                 self._stretches.append(_Stretch(self.buffer.last_seq(), self.watch.offset_s))
+            while self._pending:
+                await loop.run_in_executor(None, self._stepped, self._pending.pop(0))
+                on_step()
 
     def _stepped(self, step: ClockStep) -> None:
         """Runs off the event loop: flush, re-stamp if the clock came into trust, announce."""
