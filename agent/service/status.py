@@ -255,6 +255,12 @@ def format_status(st: dict[str, Any], values: bool = True) -> str:
                  f"last seq {b.get('last_seq', 0)}, {b.get('rows', 0)} rows, {_mb(b.get('size_bytes'))} of "
                  f"{_mb(b.get('budget_bytes'))}, dropped {b.get('dropped_unsent', 0)} unsent / "
                  f"{b.get('memory_dropped', 0)} in memory, disk free {_mb(st.get('disk_free_bytes'))}")
+    ck = st.get("clock") or {}
+    if ck:
+        trusted = "trusted" if ck.get("trusted") else "NOT TRUSTED (readings flagged clock:unsynced)"
+        sync = {True: "synchronised", False: "not synchronised", None: "sync unknown"}[ck.get("synchronised")]
+        lines.append(f"clock   {trusted}, {sync}, {ck.get('steps', 0)} steps, "
+                     f"{ck.get('restamped_rows', 0)} readings re-stamped")
     wd = st.get("watchdog", {})
     if wd.get("enabled"):
         stalled = wd.get("stalled") or []
