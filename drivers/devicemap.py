@@ -31,7 +31,7 @@ POINT_KEYS = (
     "scale_factor", "unit", "counter", "invalid", "enum", "bits", "publish", "sim", "valid_when",
 )
 DEFAULT_KEYS = ("table", "word_order", "byte_order", "invalid", "address_offset")
-IDENTITY_KEYS = ("model", "serial", "rated_power_kw", "manufacturer", "firmware")
+IDENTITY_KEYS = ("model", "serial", "rated_power_kw", "manufacturer", "firmware", "device_time")
 
 
 def shipped_profile_dirs() -> list[Path]:

@@ -104,6 +104,8 @@ class SimDevice:
                 out[point.key] = f"SIM{self.unit:03d}{self.plant.seed:05d}"
             elif point.key == "rated_power_kw":
                 out[point.key] = self.plant.rated_kw
+            elif point.key == "device_time":  # the device's own clock runs on simulated time
+                out[point.key] = int(sim_t)
             else:
                 out[point.key] = 0
         return out

@@ -57,7 +57,7 @@ def events(msgs: list[Any], kind: str) -> list[dict[str, Any]]:
 
 def test_polling_keeps_its_interval_through_clock_steps(tmp_path: Path, broker, collector_factory, procs) -> None:
     port = free_port()
-    start_sim(procs, port, DEVICES, speed=60)
+    _, sim_clock = start_sim(procs, port, DEVICES, speed=1)  # the inverter's own clock: simulated time
     site = write_site(tmp_path / "site.yaml", site_id="steps", broker_port=broker.port, modbus_port=port,
                       devices=DEVICES, interval="1s")
     clock = tmp_path / "clock.json"
@@ -87,6 +87,12 @@ def test_polling_keeps_its_interval_through_clock_steps(tmp_path: Path, broker, 
         assert abs(step["step_ms"] - want) < 3000, (step, want)
         assert step["trusted"] is True and step["device"] == "_site"
     assert steps[0]["trusted_before"] is False
+    # The inverter's clock (Huawei system time, read with its nameplate) as a witness: after each
+    # step the event reports it against the gateway's new clock.
+    for step, (offset, _) in zip(steps, phases):
+        witness = dict(item.split(":") for item in step["device_offsets_ms"].split(","))
+        want = (sim_clock.sim0 - sim_clock.real0 - offset) * 1000
+        assert abs(int(witness["inv01"]) - want) < 2500, (witness, want)
 
     got, _ = records(msgs)
     assert_every_seq_once_in_content(got, last)  # no seq gap, no duplicate

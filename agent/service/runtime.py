@@ -102,7 +102,7 @@ class Agent:
                 continue
             prev = old.get(link.id)
             same_link = prev is not None and prev.link == link
-            worker = LinkWorker(link, devices, self.writer.put, self.buffer.put_identity,
+            worker = LinkWorker(link, devices, self.writer.put, self._identity,
                                 client=prev.client if prev is not None and same_link else None,
                                 stamp=self.timekeeper.stamp, night=self.timekeeper)
             for device in devices:
@@ -118,6 +118,13 @@ class Agent:
             state.queued = False
             worker.states[device.id] = state
         return workers, fresh
+
+    def _identity(self, device_id: str, identity: dict[str, Any]) -> None:
+        """A nameplate read: stored for the meta message; a device clock is a witness of ours."""
+        device_time = identity.get("device_time")
+        if isinstance(device_time, (int, float)) and not isinstance(device_time, bool) and device_time > 0:
+            self.timekeeper.witness(device_id, float(device_time))
+        self.buffer.put_identity(device_id, identity)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

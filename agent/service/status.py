@@ -261,6 +261,9 @@ def format_status(st: dict[str, Any], values: bool = True) -> str:
         sync = {True: "synchronised", False: "not synchronised", None: "sync unknown"}[ck.get("synchronised")]
         lines.append(f"clock   {trusted}, {sync}, {ck.get('steps', 0)} steps, "
                      f"{ck.get('restamped_rows', 0)} readings re-stamped")
+        offsets = ck.get("device_offsets_ms") or {}
+        if offsets:
+            lines.append("        device clocks: " + ", ".join(f"{d} {o / 1000:+.0f} s" for d, o in sorted(offsets.items())))
     wd = st.get("watchdog", {})
     if wd.get("enabled"):
         stalled = wd.get("stalled") or []

@@ -108,6 +108,7 @@ class Timekeeper:
         self.restamped = 0
         self._stretches: list[_Stretch] = []
         self._pending: list[ClockStep] = []  # steps seen by stamp(), announced by run()
+        self.device_offsets_ms: dict[str, int] = {}  # device clock - gateway clock, per device
         if not self.watch.trusted:
             self._stretches.append(_Stretch(buffer.last_seq(), self.watch.offset_s))
             log.warning("device=_site the system clock is not synchronised: readings are flagged %s until it is",
@@ -136,10 +137,18 @@ class Timekeeper:
         ts = int(wall * 1000)
         return ts, () if self.watch.trusted and ts >= RELEASE_FLOOR_MS else (UNSYNCED,)
 
+    def witness(self, device_id: str, device_time_s: float) -> None:
+        """A device's own clock, read now: its offset from the gateway's (1 s resolution)."""
+        offset = round(device_time_s * 1000 - time.time() * 1000)
+        self.device_offsets_ms[device_id] = offset
+        if abs(offset) > 300_000:
+            log.warning("device=%s its clock is %+.0f s from the gateway's (a wrong clock on one of them, or a "
+                        "device clock kept in local time)", device_id, offset / 1000)
+
     def snapshot(self) -> dict[str, object]:
         return {"trusted": self.watch.trusted, "synchronised": self.watch.synced, "steps": self.steps,
                 "last_step_ms": self.watch.last_step.step_ms if self.watch.last_step else None,
-                "restamped_rows": self.restamped}
+                "restamped_rows": self.restamped, "device_offsets_ms": dict(self.device_offsets_ms)}
 
     # -- the once-a-second check ---------------------------------------------------------------
 
@@ -163,6 +172,8 @@ class Timekeeper:
     def _stepped(self, step: ClockStep) -> None:
         """Runs off the event loop: flush, re-stamp if the clock came into trust, announce."""
         self.steps += 1
+        for device_id in list(self.device_offsets_ms):  # measured against the clock before the step
+            self.device_offsets_ms[device_id] -= step.step_ms
         self.flush(5.0)  # readings polled before the step get their seqs first
         last = self.buffer.last_seq()
         first = self._stretches[0].after_seq + 1 if self._stretches else None
@@ -173,6 +184,8 @@ class Timekeeper:
             self._stretches.append(_Stretch(last, self.watch.offset_s))
         self.restamped += restamped
         details: dict[str, Value] = {**step.details(), "seq_before": last, "restamped": restamped}
+        if self.device_offsets_ms:  # the devices' clocks, as witnesses of which clock was right
+            details["device_offsets_ms"] = ",".join(f"{d}:{o}" for d, o in sorted(self.device_offsets_ms.items()))
         if first is not None and first <= last:
             details["unsynced_first_seq"] = first
         self.put(Event("_site", int(time.time() * 1000), "clock_step", details))
