@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
 from agent.logutil import RateLimitedLog
 from agent.store import alarms, lineage, opening, readonly, schema, sql
@@ -78,9 +78,10 @@ class Buffer:
         except (OSError, sqlite3.Error) as err:
             raise StorageError(f"cannot open buffer {self.path}: {err}") from err
 
-    def _open(self, floor: int = 0, problem: str | None = None) -> list[Event]:
-        """Open (or create) the file, setting a damaged one aside; returns the events stored."""
-        lin = lineage.read(self.path)
+    def _open(self, floor: int = 0, problem: str | None = None, lin: Lineage | None = None) -> list[Event]:
+        """Open (or create) the file, setting a damaged one aside; returns the events stored.
+        `lin`: the lineage this process holds (a reopen), instead of the side file's."""
+        lin = lin if lin is not None else lineage.read(self.path)
         damage = opening.quarantine(self.path, problem) if problem else None
         while True:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -124,7 +125,9 @@ class Buffer:
             except sqlite3.Error:
                 pass
             try:
-                events = self._open(floor, problem)
+                # what the writer noted as held is still held (and written next), not lost
+                events = self._open(floor, problem, Lineage(self._lineage.epoch, self._lineage.seq_seen,
+                                                            self._lineage.seq_ceiling))
             except (OSError, sqlite3.Error) as err:
                 raise StorageError(f"cannot replace damaged buffer {self.path}: {err}") from err
             self.resets += 1
@@ -156,7 +159,10 @@ class Buffer:
         """Insert in the given order; returns the seqs given. Commits once, or in a few
         transactions when the batch is larger than the WAL slice. Raises PartialWrite (a
         StorageError) naming the seqs stored before a failure and what kind of failure it was."""
-        rows = [record_row(r) for r in records]
+        return self.append_rows([record_row(r) for r in records])
+
+    def append_rows(self, rows: list[RecordRow]) -> list[int]:
+        """append() for rows already in the stored format (salvage)."""
         seqs: list[int] = []
         with self._lock:
             for chunk in self._chunks(rows):
@@ -359,15 +365,24 @@ class Buffer:
         with self._lock:
             return readonly.stats(self._db, self.path, self.budget_bytes)
 
-    def export_csv(self, out: IO[str], since_ms: int, until_ms: int) -> int:
-        """Data rows in a time range as CSV (seq, ts, device, key, value, sent), for the technician."""
-        return readonly.export_csv(self._locked(readonly.iter_data(self._db, since_ms, until_ms)), out)
 
-    def _locked(self, rows: Iterator[tuple[int, str, int, str, int]]) -> Iterator[tuple[int, str, int, str, int]]:
-        while True:
-            with self._lock:
-                row = next(rows, None)
-            if row is None:
-                return
-            yield row
+class BufferSettings(Protocol):
+    """What open_buffer needs of the site file's `buffer:` section (agent.config.BufferConfig)."""
 
+    @property
+    def path(self) -> str: ...
+    @property
+    def max_mb(self) -> float: ...
+    @property
+    def keep_sent_days(self) -> float: ...
+    @property
+    def min_free_mb(self) -> float: ...
+
+
+def open_buffer(cfg: BufferSettings) -> tuple[Buffer, list[Event]]:
+    """The buffer for the agent, and the events its opening stored (already in the buffer,
+    unsent, first in their epoch: `buffer_reset`, `dropped_unbuffered`), for the log and the
+    status. A damaged file is set aside and a fresh one opened; StorageError only when no
+    buffer can be opened at all (the directory is not writable, ...)."""
+    buf = Buffer(cfg.path, cfg.max_mb, cfg.keep_sent_days, cfg.min_free_mb)
+    return buf, list(buf.start_events)
