@@ -141,6 +141,33 @@ def test_deleted_buffer_starts_above_the_recorded_lease(tmp_path: Path) -> None:
     buf.close()
 
 
+def test_the_lease_is_written_ahead_and_rarely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The side file is written once per LEASE seqs, always before a seq above it is committed;
+    a process killed without closing leaves a lease above every seq it gave."""
+    monkeypatch.setattr(lineage, "LEASE", 100)
+    path = tmp_path / "b.sqlite"
+    writes = []
+    real = lineage.write
+
+    def counting(p: Path, lin: lineage.Lineage) -> bool:
+        writes.append(lin.seq_ceiling)
+        return real(p, lin)
+
+    monkeypatch.setattr(lineage, "write", counting)
+    buf = Buffer(path, max_mb=8, min_free_mb=0)
+    for i in range(100):
+        buf.append([reading(i * 10 + k) for k in range(10)])
+        recorded = lineage.read(path)
+        assert recorded is not None and recorded.seq_ceiling >= buf.last_seq()
+    assert len(writes) <= 1 + 1000 // 100 + 1, f"{len(writes)} writes for 1000 seqs"
+    last = buf.last_seq()
+    buf._db.close()  # as if killed: no clean close
+    path.unlink()
+    buf = Buffer(path, max_mb=8, min_free_mb=0)
+    assert buf.append([reading(0)])[0] > last
+    buf.close()
+
+
 def test_buffer_and_side_file_deleted_start_a_new_epoch(tmp_path: Path) -> None:
     path = tmp_path / "buffer.sqlite"
     filled(path, 10)

@@ -41,7 +41,7 @@ from drivers.model import Event, Reading
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
-LEASE_SLACK = 16  # seqs a transaction may add beyond its records (drop announcements)
+LEASE_SLACK = 64  # seqs one append may add beyond its records (drop announcements)
 
 
 class PartialWrite(StorageError):
@@ -194,6 +194,7 @@ class Buffer:
         may drop unsent rows; every other error is raised for the writer to classify."""
         need = 3 + math.ceil(sum(row_bytes(r) for r in rows) / (PAGE_SIZE * 0.8))
         full: sqlite3.Error | None = None
+        self._lease(len(rows))
         for attempt in range(3):
             try:
                 room, by_disk = self.room.available()
@@ -212,10 +213,6 @@ class Buffer:
     def _insert(self, rows: list[RecordRow]) -> list[int]:
         db = self._db
         before = sql.last_seq(db)
-        if before + len(rows) + LEASE_SLACK > self._lineage.seq_ceiling:
-            # the side file first: no seq above the recorded lease is ever committed
-            self._lineage = self._lineage.extended(before, len(rows) + LEASE_SLACK)
-            lineage.write(self.path, self._lineage)
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT INTO record(kind, device, ts, body) VALUES (?,?,?,?)", rows)
@@ -233,6 +230,14 @@ class Buffer:
             return list(range(before + 1, after + 1))
         return [r[0] for r in db.execute("SELECT seq FROM record WHERE seq BETWEEN ? AND ? ORDER BY seq",
                                          (before + 1, after))]
+
+    def _lease(self, n: int) -> None:
+        """The side file first: no seq above the recorded lease is committed. Before making
+        room too, because every drop announcement takes a seq as well."""
+        last = sql.last_seq(self._db)
+        if last + n + LEASE_SLACK > self._lineage.seq_ceiling:
+            self._lineage = self._lineage.extended(last, n + LEASE_SLACK)
+            lineage.write(self.path, self._lineage)
 
     def mark_sent(self, seqs: Iterable[int]) -> int:
         """The broker acknowledged these seqs; returns how many were still unsent."""
