@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -62,16 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
     check.set_defaults(func=cmd_check)
 
-    buf = sub.add_parser("buffer", help="buffer statistics, CSV export")
+    buf = sub.add_parser("buffer", help="buffer statistics, CSV export, salvage of a damaged file")
     buf.add_argument("-c", "--config", required=True)
     bsub = buf.add_subparsers(metavar="ACTION")
-    stats = bsub.add_parser("stats", help="rows, unsent, oldest unsent, size")
+    stats = bsub.add_parser("stats", help="rows, unsent, oldest unsent, size (read-only)")
     stats.set_defaults(func=cmd_buffer_stats)
-    export = bsub.add_parser("export", help="readings of a time range as CSV")
+    export = bsub.add_parser("export", help="readings of a time range as CSV (read-only)")
     export.add_argument("--since", required=True, help="UTC time, e.g. 2026-11-29T08:00 or epoch ms")
     export.add_argument("--until", default=None, help="UTC time (default: now)")
     export.add_argument("-o", "--output", default="-", help="file (default: standard output)")
     export.set_defaults(func=cmd_buffer_export)
+    salvage = bsub.add_parser("salvage", help="copy what is readable of a damaged buffer file (*.corrupt-*) "
+                                              "into the buffer as unsent records, or export it as CSV")
+    salvage.add_argument("file", help="the damaged file, e.g. buffer.sqlite.corrupt-20261203T081500Z")
+    salvage.add_argument("--csv", default=None, metavar="OUT", help="write CSV to OUT ('-': standard output) "
+                                                                    "instead of copying into the buffer")
+    salvage.add_argument("--all", action="store_true", help="also rows that were already sent")
+    salvage.set_defaults(func=cmd_buffer_salvage)
     buf.set_defaults(func=cmd_buffer_stats)
 
     demo = sub.add_parser("demo", help="simulator + agent + broker + live view, on this machine")
@@ -124,30 +132,38 @@ def _print_summary(cfg: SiteConfig) -> None:
         print(f"  warning: {warning}")
 
 
-def _open_buffer(args: argparse.Namespace) -> "tuple[SiteConfig, object]":
-    from agent.store.buffer import Buffer
+def _open_buffer(args: argparse.Namespace) -> "tuple[SiteConfig, sqlite3.Connection]":
+    """Read-only (mode=ro): the tools never prune, vacuum, checkpoint or migrate the live buffer."""
+    from agent.store import readonly
 
     cfg = load_site(args.config)
     path = Path(cfg.buffer.path)
     if not path.exists():
         raise StorageError(f"no buffer at {path} (has the agent run yet?)")
-    return cfg, Buffer(path, cfg.buffer.max_mb, cfg.buffer.keep_sent_days, 0)
+    try:
+        return cfg, readonly.connect_ro(path)
+    except sqlite3.Error as err:
+        raise StorageError(f"cannot read buffer {path}: {err}") from err
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
-    from agent.store.buffer import Buffer
+    from agent.store import readonly
 
-    cfg, buf = _open_buffer(args)
-    assert isinstance(buf, Buffer)
-    s = buf.stats()
+    cfg, db = _open_buffer(args)
+    try:
+        s = readonly.stats(db, Path(cfg.buffer.path), int(cfg.buffer.max_mb * 1024 * 1024))
+    except sqlite3.Error as err:
+        raise StorageError(f"cannot read buffer {cfg.buffer.path}: {err}") from err
+    finally:
+        db.close()
     age = f"{(time.time() * 1000 - s.oldest_unsent_ts) / 1000:.0f}s" if s.oldest_unsent_ts else "-"
     print(f"buffer {cfg.buffer.path}")
+    print(f"  epoch          {s.epoch or '-'}")
     print(f"  rows kept      {s.total}")
     print(f"  unsent         {s.unsent} (oldest {age} ago)")
     print(f"  last seq       {s.last_seq}")
     print(f"  dropped unsent {s.dropped_unsent}")
     print(f"  size           {s.size_bytes / 1e6:.2f} MB of {s.budget_bytes / 1e6:.2f} MB")
-    buf.close()
     return EX_OK
 
 
@@ -164,20 +180,69 @@ def _parse_time(text: str) -> int:
 
 
 def cmd_buffer_export(args: argparse.Namespace) -> int:
-    from agent.store.buffer import Buffer
+    from agent.store import readonly
 
-    _, buf = _open_buffer(args)
-    assert isinstance(buf, Buffer)
+    cfg, db = _open_buffer(args)
     since = _parse_time(args.since)
     until = _parse_time(args.until) if args.until else int(time.time() * 1000)
-    if args.output == "-":
-        n = buf.export_csv(sys.stdout, since, until)
-    else:
-        with open(args.output, "w", encoding="utf-8", newline="") as fh:
-            n = buf.export_csv(fh, since, until)
+    try:
+        if args.output == "-":
+            n = readonly.export_csv(readonly.iter_data(db, since, until), sys.stdout)
+        else:
+            with open(args.output, "w", encoding="utf-8", newline="") as fh:
+                n = readonly.export_csv(readonly.iter_data(db, since, until), fh)
+    except sqlite3.Error as err:
+        raise StorageError(f"cannot read buffer {cfg.buffer.path}: {err}") from err
+    finally:
+        db.close()
     print(f"{n} readings exported", file=sys.stderr)
-    buf.close()
     return EX_OK
+
+
+def cmd_buffer_salvage(args: argparse.Namespace) -> int:
+    """A damaged file's readable rows: as CSV, or into the buffer (with the agent stopped: the
+    buffer has one writer, limits.md §3)."""
+    from agent.store import salvage
+
+    cfg = load_site(args.config)
+    damaged = Path(args.file)
+    if not damaged.is_file():
+        raise StorageError(f"no file {damaged}")
+    if args.csv:
+        if args.csv == "-":
+            got = salvage.to_csv(damaged, sys.stdout, args.all)
+        else:
+            with open(args.csv, "w", encoding="utf-8", newline="") as fh:
+                got = salvage.to_csv(damaged, fh, args.all)
+        print(f"{got.rows} records exported from {damaged} ({got.skipped} unreadable seqs skipped)", file=sys.stderr)
+        return EX_OK
+    if _agent_running(cfg):
+        raise StorageError("the agent is running: stop it first (systemctl stop pvgate), salvage, then start it")
+    from agent.store.buffer import Buffer
+
+    buf = Buffer(cfg.buffer.path, cfg.buffer.max_mb, cfg.buffer.keep_sent_days, cfg.buffer.min_free_mb)
+    try:
+        got, seqs = salvage.into_buffer(buf, damaged, args.all)
+    finally:
+        buf.close()
+    what = "unsent records" if got.only_unsent else "records"
+    span = f" as seq {seqs[0]}..{seqs[-1]}" if seqs else ""
+    print(f"{got.rows} {what} salvaged from {damaged} (its seq {got.first_seq}..{got.last_seq}){span}, "
+          f"{got.skipped} unreadable seqs skipped; they are published with the backlog", file=sys.stderr)
+    return EX_OK
+
+
+def _agent_running(cfg: SiteConfig) -> bool:
+    import socket
+
+    from agent.service.status import socket_path
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(socket_path(cfg.agent.state_dir)))
+            return True
+        except OSError:
+            return False
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

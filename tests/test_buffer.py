@@ -42,22 +42,24 @@ def kept(buf: Buffer) -> set[int]:
 
 
 def drops(buf: Buffer) -> list[dict[str, object]]:
-    return [r.json() for r in buf.range(1, 2**62, limit=10**9) if r.kind == KIND_DROP]
+    return [r.json() for r in buf.range(1, 2**62, limit=10**9) if r.kind == KIND_DROP and r.json()["event"] == "dropped"]
 
 
 def test_seq_is_never_reused_after_deletes_or_reopening(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite"
     buf = Buffer(path, max_mb=8, keep_sent_days=0, min_free_mb=0)
+    assert [e.event for e in buf.start_events] == ["buffer_reset"], "seq 1: the first epoch is announced"
     first = buf.append([reading(i) for i in range(10)])
-    assert first == list(range(1, 11))
-    buf.mark_sent(first)
-    assert buf.prune_sent(now_ms=int(time.time() * 1000) + 1000) == 10, "sent and older than 0 days"
+    assert first == list(range(2, 12))
+    buf.mark_sent([1, *first])
+    assert buf.prune_sent(now_ms=int(time.time() * 1000) + 1000) == 11, "sent and older than 0 days"
     assert kept(buf) == set()
-    assert buf.append([reading(10)]) == [11], "the highest seq is remembered even with the table empty"
+    assert buf.append([reading(10)]) == [12], "the highest seq is remembered even with the table empty"
     buf.close()
     buf = Buffer(path, max_mb=8, keep_sent_days=0, min_free_mb=0)
-    assert buf.last_seq() == 11
-    assert buf.append([reading(11), reading(12)]) == [12, 13]
+    assert buf.start_events == [], "the same file continues its epoch"
+    assert buf.last_seq() == 12
+    assert buf.append([reading(11), reading(12)]) == [13, 14]
     buf.close()
 
 
@@ -76,18 +78,19 @@ def test_seq_survives_a_process_that_dies_without_closing(tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert proc.returncode == -9, proc.stderr
-    assert proc.stdout.strip() == "5"
+    assert proc.stdout.strip() == "6", "seq 1 is the buffer_reset of the new file"
     buf = Buffer(path, max_mb=8, min_free_mb=0)
-    assert [r.seq for r in buf.unsent(0)] == [1, 2, 3, 4, 5]
-    assert buf.append([reading(0)]) == [6]
+    assert [r.seq for r in buf.unsent(0)] == [1, 2, 3, 4, 5, 6]
+    assert buf.append([reading(0)]) == [7]
     buf.close()
 
 
 def test_mark_sent_and_unsent_views(tmp_path: Path) -> None:
     buf = Buffer(tmp_path / "b.sqlite", max_mb=8, min_free_mb=0)
+    buf.mark_sent([1])  # the buffer_reset of the new file
     seqs = buf.append([reading(i, device=f"inv{i % 3}") for i in range(30)]
                       + [Event("_site", 1, "clock_step", {"delta_ms": 5})])
-    assert seqs == list(range(1, 32))
+    assert seqs == list(range(2, 33))
     assert buf.mark_sent([2, 4, 6, 6, 999]) == 3, "unknown and repeated seqs are ignored"
     assert buf.mark_sent([2]) == 0
     unsent = [r.seq for r in buf.unsent(0, limit=1000)]
@@ -95,8 +98,9 @@ def test_mark_sent_and_unsent_views(tmp_path: Path) -> None:
     assert [r.seq for r in buf.unsent(3, 8)] == [5, 7, 8]
     assert [r.seq for r in buf.range(1, 7)] == [1, 2, 3, 4, 5, 6, 7], "range() includes sent rows"
     stats = buf.stats()
-    assert (stats.unsent, stats.total, stats.last_seq) == (28, 31, 31)
-    body = buf.unsent(30)[0]
+    assert (stats.unsent, stats.total, stats.last_seq) == (28, 32, 32)
+    assert {r.epoch for r in buf.range(1, 99)} == {buf.epoch} and len(buf.epoch) == 16
+    body = buf.unsent(31)[0]
     assert body.kind == KIND_EVENT and body.json() == {"event": "clock_step", "delta_ms": 5}
     assert buf.kept_bounds(3, 9) == (3, 9) and buf.kept_bounds(40, 50) is None
     buf.close()
@@ -183,7 +187,7 @@ def test_dropped_event_is_published_like_any_record(tmp_path: Path) -> None:
     buf = Buffer(tmp_path / "b.sqlite", max_mb=0.1, min_free_mb=0)
     for i in range(200):
         buf.append([reading(i)])
-    rows = [r for r in buf.unsent(0, limit=10_000) if r.kind == KIND_DROP]
+    rows = [r for r in buf.unsent(0, limit=10_000) if r.kind == KIND_DROP and r.json()["event"] == "dropped"]
     assert rows and all(r.device == "_site" for r in rows), "drop events wait in the buffer, unsent"
     assert set(rows[0].json()) == {"event", "first_seq", "last_seq", "count", "reason"}
     buf.close()
@@ -222,9 +226,11 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     """)
     db.close()
     buf = Buffer(path, max_mb=8, min_free_mb=0)
-    assert [r.seq for r in buf.unsent(0)] == [2]
-    assert buf.append([reading(3)]) == [3]
-    assert buf.stats().total == 3
+    assert [r.seq for r in buf.unsent(0)] == [2, 3], "seq 3: buffer_reset, the file's first epoch"
+    assert [e.event for e in buf.start_events] == ["buffer_reset"] and buf.start_events[0].details["reason"] == "new"
+    assert {r.epoch for r in buf.range(1, 3)} == {buf.epoch}, "rows from before epochs belong to the first one"
+    assert buf.append([reading(3)]) == [4]
+    assert buf.stats().total == 4
     buf.close()
 
 
@@ -241,7 +247,7 @@ def test_writer_commits_once_per_burst(tmp_path: Path) -> None:
             assert w.flush(5.0)
             assert w.commits == cycle + 1, f"cycle {cycle}: {w.commits} commits"
             time.sleep(0.6)
-        assert w.committed == 120 and buf.last_seq() == 120
+        assert w.committed == 120 and buf.last_seq() == 121, "and the buffer_reset of the new file"
     finally:
         w.stop()
         buf.close()
@@ -254,7 +260,7 @@ def test_writer_stop_commits_what_is_queued(tmp_path: Path) -> None:
     for i in range(10):
         w.put(reading(i))
     w.stop()
-    assert buf.last_seq() == 10
+    assert buf.last_seq() == 11
     buf.close()
 
 
@@ -339,8 +345,8 @@ def test_writer_holds_records_in_memory_while_the_disk_is_full(tmpfs: Path, monk
         assert w.last_commit_ok and w.held_in_memory == 0
     finally:
         w.stop()
-    rows: list[Row] = buf.unsent(0, limit=1000)
-    assert rows[0].kind == KIND_EVENT and rows[0].json()["event"] == "dropped_unbuffered"
+    rows: list[Row] = [r for r in buf.unsent(0, limit=1000) if r.json().get("event") != "buffer_reset"]
+    assert rows[0].kind == KIND_DROP and rows[0].json()["event"] == "dropped_unbuffered"
     assert rows[0].json()["count"] == 30
     values = [json.loads(r.body)["values"]["p00_value"] for r in rows[1:]]
     assert values == [reading(i).values["p00_value"] for i in [*range(30, 80), 999]], "the newest 50 were kept, in order"

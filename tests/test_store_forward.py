@@ -293,26 +293,26 @@ def test_resend_publishes_kept_rows_again(tmp_path: Path, broker: Broker, collec
     pub = Publisher(cfg.uplink(), buf)
     pub.start()
     try:
-        col.wait_for(lambda ms: set(seqs_of(ms)) >= set(range(1, 62)), timeout=15, desc="first delivery")
+        col.wait_for(lambda ms: set(seqs_of(ms)) >= set(range(1, 63)), timeout=15, desc="first delivery")
         assert buf.stats().unsent == 0
         col.clear()
-        ok, reply = pub.request_resend(10, 61)
-        assert ok and reply == {"queued_first_seq": 10, "queued_last_seq": 61}
-        msgs = col.wait_for(lambda ms: set(seqs_of(ms)) >= set(range(10, 62)), timeout=15, desc="resent")
-        assert sorted(seqs_of(msgs)) == list(range(10, 62)), "exactly the range, once"
+        ok, reply = pub.request_resend(10, 62)  # seq 1 is the buffer_reset of the new file
+        assert ok and reply == {"queued_first_seq": 10, "queued_last_seq": 62}
+        msgs = col.wait_for(lambda ms: set(seqs_of(ms)) >= set(range(10, 63)), timeout=15, desc="resent")
+        assert sorted(seqs_of(msgs)) == list(range(10, 63)), "exactly the range, once"
         assert all(m.json()["replay"] is True and m.json()["resend"] is True for m in msgs)
         event = next(m.json() for m in msgs if "/events/" in m.topic)
-        assert event["event"] == "offline" and event["seq"] == 61
+        assert event["event"] == "offline" and event["seq"] == 62
         r10 = next(r for m in msgs if "/data/" in m.topic for r in m.json()["readings"] if r["seq"] == 10)
-        assert r10["values"] == _reading(9).values and r10["ts"] == _reading(9).ts_ms
+        assert r10["values"] == _reading(8).values and r10["ts"] == _reading(8).ts_ms
 
         assert pub.request_resend(20, 10) == (False, {"error": "invalid seq range 20..10: expected 1 <= first_seq <= last_seq"})
         ok, reply = pub.request_resend(500, 900)
-        assert not ok and "no records kept in seq 500..900" in reply["error"] and "1..61" in reply["error"]
+        assert not ok and "no records kept in seq 500..900" in reply["error"] and "1..62" in reply["error"]
         ok, reply = pub.request_resend(0, 5)
         assert not ok
         ok, reply = pub.request_resend(1, 10**9)
-        assert ok and reply == {"queued_first_seq": 1, "queued_last_seq": 61}, "a range may reach past what is kept"
+        assert ok and reply == {"queued_first_seq": 1, "queued_last_seq": 62}, "a range may reach past what is kept"
         monkeypatch.setattr(window_mod, "RESEND_MAX_SEQS", 20)
         ok, reply = pub.request_resend(5, 10**9)
         assert ok and reply == {"queued_first_seq": 5, "queued_last_seq": 24, "truncated": True,

@@ -92,7 +92,10 @@ def buffer_state(agent: AgentView, now_ms: int) -> dict[str, Any]:
             "oldest_unsent_age_s": (now_ms - stats.oldest_unsent_ts) // 1000 if stats.oldest_unsent_ts else 0,
             "size_bytes": stats.size_bytes, "budget_bytes": stats.budget_bytes,
             "dropped_unsent": stats.dropped_unsent, "memory_dropped": agent.writer.memory_dropped,
-            "held_in_memory": int(getattr(agent.writer, "held_in_memory", 0))}
+            "held_in_memory": int(getattr(agent.writer, "held_in_memory", 0)),
+            "epoch": stats.epoch, "write_errors": dict(agent.writer.errors),
+            "failed_commits": agent.writer.failed_commits, "buffer_resets": agent.writer.buffer_resets,
+            "retry_s": agent.writer.retry_s, "last_write_error": agent.writer.last_error}
 
 def disk_free(agent: AgentView) -> int | None:
     try:

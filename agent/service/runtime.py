@@ -117,6 +117,12 @@ class Agent:
             state.device = device
             state.queued = False
             worker.states[device.id] = state
+        # Alarms active when the agent last stopped: no duplicate `alarm` after a restart, and the
+        # `alarm_cleared` of one that cleared meanwhile is sent at the first reading.
+        active = self.buffer.active_alarms() if fresh else {}
+        for worker in workers.values():
+            for did in fresh & set(worker.states):
+                worker.states[did].alarm_bits = dict(active.get(did, {}))
         return workers, fresh
 
     def _identity(self, device_id: str, identity: dict[str, Any]) -> None:

@@ -8,61 +8,55 @@ synchronous=FULL, so a committed seq survives a power cut and can never be given
 deletes a few bytes per reading instead of rewriting each reading's page, and those commits run
 with synchronous=NORMAL (losing one to a power cut only means a duplicate later).
 
+Every seq belongs to an epoch (the `epoch` table: seq ranges); a new buffer file, a replaced
+one or a damaged one set aside starts a new epoch (agent/store/opening.py), and the side file
+(agent/store/lineage.py) keeps seq from going backwards across files. A damaged file found
+while running is set aside and replaced by `recover()` without a restart; the Buffer object
+stays the same, so the publisher holding it goes on.
+
 Size: `max_mb` bounds the database file plus its WAL; agent/store/room.py keeps it there and
 announces every unsent row it has to delete. The record format is in agent/store/rows.py.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO
+from typing import Any, Protocol
 
 from agent.logutil import RateLimitedLog
-from agent.store import sql
+from agent.store import alarms, lineage, opening, readonly, restamp, schema, sql
+from agent.store.lineage import Lineage
 from agent.store.room import PAGE_SIZE, Budget, Room
-from agent.store.rows import (
-    KIND_DATA,
-    RecordRow,
-    Row,
-    Stats,
-    as_rows,
-    record_row,
-    row_bytes,
-    seq_runs,
-)
+from agent.store.rows import RecordRow, Row, Stats, as_rows, record_row, row_bytes, seq_runs
 from drivers.errors import StorageError
 from drivers.model import Event, Reading
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS record (
-    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind   INTEGER NOT NULL,
-    device TEXT    NOT NULL,
-    ts     INTEGER NOT NULL,
-    body   TEXT    NOT NULL
-);
-CREATE TABLE IF NOT EXISTS unsent (seq INTEGER PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS identity (device TEXT PRIMARY KEY, body TEXT NOT NULL) WITHOUT ROWID;
-"""
+SCHEMA_VERSION = schema.SCHEMA_VERSION
+LEASE_SLACK = 64  # seqs one append may add beyond its records (drop announcements)
+
 
 class PartialWrite(StorageError):
-    """append() stored only the records whose seqs are in `seqs` (a prefix, maybe empty)."""
+    """append() stored only the records whose seqs are in `seqs` (a prefix, maybe empty).
+    `kind` says why: sql.FULL (no room even after pruning), sql.CORRUPT (the file is damaged:
+    call recover()), sql.TRANSIENT (I/O error, busy, read-only: retry later)."""
 
-    def __init__(self, message: str, seqs: list[int]) -> None:
+    def __init__(self, message: str, seqs: list[int], kind: str = sql.TRANSIENT) -> None:
         super().__init__(message)
         self.seqs = seqs
+        self.kind = kind
+
+
+class _Damaged(Exception):
+    pass
 
 
 class Buffer:
@@ -77,66 +71,108 @@ class Buffer:
         self.keep_sent_ms = self.budget.keep_sent_ms
         self._lock = threading.RLock()
         self._rl = RateLimitedLog(log, window_s=60.0)
+        self.resets = 0  # damaged files replaced while running
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self.room = Room(self._db, self.path, self.budget)
-            self._setup()
-            self.room.shrink_to_budget()
+            self.start_events = self._open()
         except (OSError, sqlite3.Error) as err:
             raise StorageError(f"cannot open buffer {self.path}: {err}") from err
 
-    def _setup(self) -> None:
-        db = self._db
-        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table: the file can shrink
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.execute(f"PRAGMA wal_autocheckpoint={self.budget.checkpoint_frames}")
-        db.execute(f"PRAGMA journal_size_limit={self.budget.wal_bytes}")
-        db.execute(f"PRAGMA max_page_count={self.budget.max_pages}")
-        columns = [r[1] for r in db.execute("PRAGMA table_info(record)")]
-        db.executescript(SCHEMA)
-        if "sent" in columns:
-            self._migrate_v1()
-        if db.execute("SELECT value FROM counter WHERE name='rows'").fetchone() is None:
-            db.execute("INSERT INTO counter(name, value) SELECT 'rows', count(*) FROM record")
-        if sql.pragma(self._db, "user_version") != SCHEMA_VERSION:  # no write on every open (`pvgate buffer`)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    def _open(self, floor: int = 0, problem: str | None = None, lin: Lineage | None = None) -> list[Event]:
+        """Open (or create) the file, setting a damaged one aside; returns the events stored.
+        `lin`: the lineage this process holds (a reopen), instead of the side file's."""
+        lin = lin if lin is not None else lineage.read(self.path)
+        damage = opening.quarantine(self.path, problem) if problem else None
+        while True:
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            try:
+                if damage is None and self.path.exists() and self.path.stat().st_size > 0:
+                    found = opening.check(db)
+                    if found is not None:
+                        raise _Damaged(found)
+                schema.configure(db, self.budget)
+                schema.migrate(db, self.path, self.budget)
+                self._lineage, events = opening.establish(db, self.path, lin, damage, floor)
+                break
+            except (_Damaged, sqlite3.DatabaseError) as err:
+                db.close()
+                if damage is not None or (isinstance(err, sqlite3.Error) and sql.classify(err) != sql.CORRUPT):
+                    raise
+                damage = opening.quarantine(self.path, str(err))
+            except BaseException:
+                db.close()
+                raise
+        self._db = db
+        self.room = Room(db, self.path, self.budget)
+        self._epochs = sql.epochs(db)
+        self._last_given = sql.last_seq(db)
+        lineage.write(self.path, self._lineage)
+        self.room.shrink_to_budget()
+        return events
 
-    def _migrate_v1(self) -> None:
-        """Buffers written before the `unsent` table kept a `sent` column in every row."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT OR IGNORE INTO unsent(seq) SELECT seq FROM record WHERE sent=0")
-        db.execute("DROP INDEX IF EXISTS record_unsent")
-        db.execute("DROP INDEX IF EXISTS record_sent")
-        db.execute("COMMIT")
-        log.info("device=_site buffer %s migrated to schema %d", self.path, SCHEMA_VERSION)
+    @property
+    def epoch(self) -> str:
+        """The epoch new seqs are drawn in."""
+        return self._epochs[-1][1] if self._epochs else ""
+
+    def recover(self, problem: str) -> list[Event]:
+        """The file turned out damaged while running: set it aside, open a fresh one (a new
+        epoch above every seq given) and return the events stored there (`buffer_reset`)."""
+        with self._lock:
+            floor = max(self._last_given, self._lineage.seq_ceiling)
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            try:
+                # what the writer noted as held is still held (and written next), not lost
+                events = self._open(floor, problem, Lineage(self._lineage.epoch, self._lineage.seq_seen,
+                                                            self._lineage.seq_ceiling))
+            except (OSError, sqlite3.Error) as err:
+                raise StorageError(f"cannot replace damaged buffer {self.path}: {err}") from err
+            self.resets += 1
+            return events
 
     def close(self) -> None:
         with self._lock:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # the exact last seq: a file found below it at the next start is an older copy
+                self._lineage = self._lineage.extended(sql.last_seq(self._db))
+                lineage.write(self.path, self._lineage)
             except sqlite3.Error:
                 pass
             self._db.close()
+
+    def note_unbuffered(self, summary: Mapping[str, Any] | None) -> bool:
+        """Records the writer holds and may not get to write (count, first_ts, last_ts,
+        devices, reason), kept in the side file so the next start announces them as
+        `dropped_unbuffered`; None clears it. False when the side file cannot be written."""
+        with self._lock:
+            self._lineage = Lineage(self._lineage.epoch, self._lineage.seq_seen, self._lineage.seq_ceiling,
+                                    dict(summary) if summary else None)
+            return lineage.write(self.path, self._lineage)
 
     # -- writing -----------------------------------------------------------------------------
 
     def append(self, records: Iterable[Reading | Event]) -> list[int]:
         """Insert in the given order; returns the seqs given. Commits once, or in a few
         transactions when the batch is larger than the WAL slice. Raises PartialWrite (a
-        StorageError) naming the seqs stored before a failure."""
-        rows = [record_row(r) for r in records]
+        StorageError) naming the seqs stored before a failure and what kind of failure it was."""
+        return self.append_rows([record_row(r) for r in records])
+
+    def append_rows(self, rows: list[RecordRow]) -> list[int]:
+        """append() for rows already in the stored format (salvage)."""
         seqs: list[int] = []
         with self._lock:
             for chunk in self._chunks(rows):
                 try:
                     seqs.extend(self._append_chunk(chunk))
-                except StorageError as err:
-                    raise PartialWrite(str(err), seqs) from err
+                except (sqlite3.Error, OSError) as err:
+                    kind = sql.classify(err)
+                    text = f"buffer full: no room for {len(chunk)} records even after pruning ({err})" \
+                        if kind == sql.FULL else f"buffer write failed ({kind}): {err}"
+                    raise PartialWrite(text, seqs, kind) from err
         return seqs
 
     def _chunks(self, rows: list[RecordRow]) -> Iterator[list[RecordRow]]:
@@ -154,42 +190,54 @@ class Buffer:
             yield chunk
 
     def _append_chunk(self, rows: list[RecordRow]) -> list[int]:
+        """Only a real lack of room (SQLITE_FULL under max_page_count, ENOSPC) makes room, which
+        may drop unsent rows; every other error is raised for the writer to classify."""
         need = 3 + math.ceil(sum(row_bytes(r) for r in rows) / (PAGE_SIZE * 0.8))
-        error: sqlite3.OperationalError | None = None
+        full: sqlite3.Error | None = None
+        self._lease(len(rows))
         for attempt in range(3):
             try:
                 room, by_disk = self.room.available()
-                if room < need or error is not None:  # after a full error, the estimate was short
+                if room < need or full is not None:  # after a full error, the estimate was short
                     self.room.make(need * (attempt + 1), by_disk)
                 return self._insert(rows)
-            except sqlite3.OperationalError as err:
-                if not _is_full(err):
-                    raise StorageError(f"buffer write failed: {err}") from err
-                error = err
+            except sqlite3.Error as err:
+                if sql.classify(err) != sql.FULL:
+                    raise
+                full = err
                 self._rl.warning("full", "device=_site buffer full while writing %d records (%s); making room",
                                  len(rows), err)
-            except sqlite3.Error as err:
-                raise StorageError(f"buffer write failed: {err}") from err
-        raise StorageError(f"buffer full: no room for {len(rows)} records even after pruning ({error})")
+        assert full is not None
+        raise full
 
     def _insert(self, rows: list[RecordRow]) -> list[int]:
         db = self._db
+        before = sql.last_seq(db)
         db.execute("BEGIN IMMEDIATE")
         try:
-            before = sql.last_seq(self._db)
             db.executemany("INSERT INTO record(kind, device, ts, body) VALUES (?,?,?,?)", rows)
             db.execute("INSERT INTO unsent(seq) SELECT seq FROM record WHERE seq > ?", (before,))
-            sql.count(self._db, "rows", len(rows))
-            after = sql.last_seq(self._db)
+            sql.count(db, "rows", len(rows))
+            alarms.track(db, rows)
+            after = sql.last_seq(db)
             db.execute("COMMIT")
         except BaseException:
-            sql.rollback(self._db)
+            sql.rollback(db)
             raise
+        self._last_given = after
         # AUTOINCREMENT under one writer: the seqs of one transaction are consecutive.
         if after - before == len(rows):
             return list(range(before + 1, after + 1))
         return [r[0] for r in db.execute("SELECT seq FROM record WHERE seq BETWEEN ? AND ? ORDER BY seq",
                                          (before + 1, after))]
+
+    def _lease(self, n: int) -> None:
+        """The side file first: no seq above the recorded lease is committed. Before making
+        room too, because every drop announcement takes a seq as well."""
+        last = sql.last_seq(self._db)
+        if last + n + LEASE_SLACK > self._lineage.seq_ceiling:
+            self._lineage = self._lineage.extended(last, n + LEASE_SLACK)
+            lineage.write(self.path, self._lineage)
 
     def mark_sent(self, seqs: Iterable[int]) -> int:
         """The broker acknowledged these seqs; returns how many were still unsent."""
@@ -200,8 +248,8 @@ class Buffer:
         step = max(8, self.budget.txn_pages - 4)  # runs per transaction: each may touch a leaf page
         with self._lock:
             db = self._db
-            db.execute("PRAGMA synchronous=NORMAL")  # a lost mark is a duplicate, never a loss
             try:
+                db.execute("PRAGMA synchronous=NORMAL")  # a lost mark is a duplicate, never a loss
                 for i in range(0, len(runs), step):
                     db.execute("BEGIN IMMEDIATE")
                     n += db.executemany("DELETE FROM unsent WHERE seq BETWEEN ? AND ?", runs[i:i + step]).rowcount
@@ -210,7 +258,10 @@ class Buffer:
                 sql.rollback(self._db)
                 raise StorageError(f"cannot mark records sent: {err}") from err
             finally:
-                db.execute("PRAGMA synchronous=FULL")
+                try:
+                    db.execute("PRAGMA synchronous=FULL")
+                except sqlite3.Error:
+                    pass
         return n
 
     # -- room ------------------------------------------------------------------------------
@@ -223,34 +274,19 @@ class Buffer:
         """Delete sent rows older than keep_sent_days (periodic housekeeping); returns rows deleted."""
         cutoff = (now_ms if now_ms is not None else int(time.time() * 1000)) - self.keep_sent_ms
         with self._lock:
-            before = sql.counter(self._db, "rows")
             try:
+                before = sql.counter(self._db, "rows")
                 self.room.prune_sent(cutoff)
+                return before - sql.counter(self._db, "rows")
             except sqlite3.Error as err:
                 raise StorageError(f"cannot prune the buffer: {err}") from err
-            return before - sql.counter(self._db, "rows")
 
     def restamp(self, first: int, last: int, delta_ms: int, flag: str, new_flag: str) -> int:
-        """Move the unsent readings with first <= seq <= last that carry `flag` by delta_ms, and flag
-        them `new_flag` instead (a clock step brought the wall clock into trust). Returns the count."""
-        if last < first:
-            return 0
-        old, new = f'"{flag}"', f'"{new_flag}"'  # flags are JSON strings inside the body's "q" array
+        """Re-stamp unsent readings after a clock step (agent/store/restamp.py); returns the count."""
         with self._lock:
-            db = self._db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                n = db.execute("UPDATE record SET ts = ts + ?, body = replace(body, ?, ?) "
-                               "WHERE seq BETWEEN ? AND ? AND kind = ? AND instr(body, ?) > 0 "
-                               "AND seq IN (SELECT seq FROM unsent WHERE seq BETWEEN ? AND ?)",
-                               (delta_ms, old, new, first, last, KIND_DATA, old, first, last)).rowcount
-                db.execute("COMMIT")
-            except sqlite3.Error as err:
-                sql.rollback(db)
-                raise StorageError(f"cannot re-stamp buffered readings: {err}") from err
-        return int(n)
+            return restamp.restamp(self._db, first, last, delta_ms, flag, new_flag)
 
-    # -- identities --------------------------------------------------------------------------
+    # -- identities and alarms -----------------------------------------------------------------
 
     def put_identity(self, device: str, identity: dict[str, object]) -> None:
         """A device's nameplate (model, serial, rating), for the retained meta message."""
@@ -267,23 +303,59 @@ class Buffer:
             rows = self._db.execute("SELECT device, body FROM identity").fetchall()
         return {device: json.loads(body) for device, body in rows}
 
+    def active_alarms(self) -> dict[str, dict[str, int]]:
+        """device -> alarm point -> the raw bits last announced: what a restarted poller
+        compares its first reading with (no duplicate `alarm`, and the `alarm_cleared` that
+        happened while the agent was down). Kept up to date by every stored alarm event."""
+        with self._lock:
+            return alarms.active(self._db)
+
+    def set_alarms(self, device: str, bits: Mapping[str, int]) -> None:
+        """Replace a device's active alarm bits (e.g. forget a device removed from the site)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                alarms.replace(db, device, bits)
+                db.execute("COMMIT")
+            except BaseException:
+                sql.rollback(db)
+                raise
+
     # -- reading -----------------------------------------------------------------------------
+
+    def _parts(self, lo: int, hi: int) -> list[tuple[int, int, str]]:
+        """lo..hi cut at epoch boundaries: (first, last, epoch), oldest first."""
+        out = []
+        segs = self._epochs
+        for i, (first, epoch) in enumerate(segs):
+            end = segs[i + 1][0] - 1 if i + 1 < len(segs) else 2**62
+            if max(lo, first) <= min(hi, end):
+                out.append((max(lo, first), min(hi, end), epoch))
+        return out or [(lo, hi, "")]
+
+    def _select(self, query: str, lo: int, hi: int, limit: int) -> list[Row]:
+        """Rows of `query` (seq bounds and a limit as parameters), each with its epoch."""
+        got: list[tuple[int, int, str, int, str, str]] = []
+        for first, last, epoch in self._parts(lo, hi):
+            got += self._db.execute(query, (epoch, first, last, limit - len(got))).fetchall()
+            if len(got) >= limit:
+                break
+        return as_rows(got)
 
     def unsent(self, after_seq: int, up_to_seq: int | None = None, limit: int = 1000) -> list[Row]:
         """Unsent rows with after_seq < seq <= up_to_seq, oldest first."""
         hi = up_to_seq if up_to_seq is not None else 2**62
         with self._lock:
-            cur = self._db.execute(
-                "SELECT r.seq, r.kind, r.device, r.ts, r.body FROM unsent AS u CROSS JOIN record AS r "
-                "ON r.seq = u.seq WHERE u.seq > ? AND u.seq <= ? ORDER BY u.seq LIMIT ?", (after_seq, hi, limit))
-            return as_rows(cur.fetchall())
+            return self._select(
+                "SELECT r.seq, r.kind, r.device, r.ts, r.body, ? FROM unsent AS u CROSS JOIN record AS r "
+                "ON r.seq = u.seq WHERE u.seq >= ? AND u.seq <= ? ORDER BY u.seq LIMIT ?", after_seq + 1, hi, limit)
 
     def range(self, first: int, last: int, limit: int = 100_000) -> list[Row]:
         """Rows still kept (sent or not) with first <= seq <= last, oldest first."""
         with self._lock:
-            cur = self._db.execute("SELECT seq, kind, device, ts, body FROM record WHERE seq BETWEEN ? AND ? "
-                                   "ORDER BY seq LIMIT ?", (first, last, limit))
-            return as_rows(cur.fetchall())
+            return self._select("SELECT seq, kind, device, ts, body, ? FROM record WHERE seq BETWEEN ? AND ? "
+                                "ORDER BY seq LIMIT ?", first, last, limit)
 
     def kept_bounds(self, first: int, last: int) -> tuple[int, int] | None:
         """The lowest and highest seq kept within first..last, or None if nothing is kept there."""
@@ -301,32 +373,26 @@ class Buffer:
 
     def stats(self) -> Stats:
         with self._lock:
-            unsent = sql.unsent_count(self._db)
-            oldest = self._db.execute(
-                "SELECT ts FROM record WHERE seq = (SELECT min(seq) FROM unsent)").fetchone()
-            dropped = sql.counter(self._db, "dropped_unsent")
-            return Stats(unsent, sql.counter(self._db, "rows"), oldest[0] if oldest else None, sql.last_seq(self._db),
-                         dropped, self.size_bytes(), self.budget_bytes)
-
-    def export_csv(self, out: IO[str], since_ms: int, until_ms: int) -> int:
-        """Data rows in a time range as CSV (seq, ts, device, key, value), for the technician."""
-        writer = csv.writer(out)
-        writer.writerow(["seq", "ts_utc_ms", "device", "key", "value", "sent"])
-        n = 0
-        for seq, device, ts, body, unsent in self._iter_data(since_ms, until_ms):
-            for key, value in json.loads(body)["values"].items():
-                writer.writerow([seq, ts, device, key, value, 0 if unsent else 1])
-            n += 1
-        return n
-
-    def _iter_data(self, since_ms: int, until_ms: int) -> Iterator[tuple[int, str, int, str, int]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, device, ts, body, EXISTS (SELECT 1 FROM unsent AS u WHERE u.seq = record.seq) "
-                "FROM record WHERE kind=? AND ts>=? AND ts<? ORDER BY seq", (KIND_DATA, since_ms, until_ms)).fetchall()
-        yield from rows
+            return readonly.stats(self._db, self.path, self.budget_bytes)
 
 
-def _is_full(err: sqlite3.OperationalError) -> bool:
-    text = str(err).lower()
-    return "full" in text or "disk i/o" in text
+class BufferSettings(Protocol):
+    """What open_buffer needs of the site file's `buffer:` section (agent.config.BufferConfig)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def max_mb(self) -> float: ...
+    @property
+    def keep_sent_days(self) -> float: ...
+    @property
+    def min_free_mb(self) -> float: ...
+
+
+def open_buffer(cfg: BufferSettings) -> tuple[Buffer, list[Event]]:
+    """The buffer for the agent, and the events its opening stored (already in the buffer,
+    unsent, first in their epoch: `buffer_reset`, `dropped_unbuffered`), for the log and the
+    status. A damaged file is set aside and a fresh one opened; StorageError only when no
+    buffer can be opened at all (the directory is not writable, ...)."""
+    buf = Buffer(cfg.path, cfg.max_mb, cfg.keep_sent_days, cfg.min_free_mb)
+    return buf, list(buf.start_events)

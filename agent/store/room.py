@@ -77,7 +77,23 @@ class Room:
 
     def size_bytes(self) -> int:
         """Database file plus WAL on disk: what max_mb bounds."""
-        return sum(p.stat().st_size for p in (self.path, self.wal_path) if p.exists())
+        total = 0
+        for p in (self.path, self.wal_path):
+            try:
+                total += p.stat().st_size
+            except OSError:  # no -wal yet, or the file was deleted under us: nothing on disk
+                pass
+        return total
+
+    def _disk_spare(self) -> int | None:
+        """Bytes the file system can still give, or None when it cannot be asked (then only
+        max_mb limits: a failing statvfs must not stop the writer)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as err:
+            log.warning("device=_site cannot read free space of %s: %s", self.path.parent, err)
+            return None
+        return st.f_bavail * st.f_frsize
 
     def _pragma(self, name: str) -> int:
         return int(self._db.execute(f"PRAGMA {name}").fetchone()[0])
@@ -87,10 +103,15 @@ class Room:
         Sets max_page_count so SQLite itself enforces both limits. The database may not take the
         room its WAL may need."""
         pages = sql.pragma(self._db, "page_count")
-        wal = self.wal_path.stat().st_size if self.wal_path.exists() else 0
+        try:
+            wal = self.wal_path.stat().st_size
+        except OSError:
+            wal = 0
         wal_need = self.wal_bytes  # the WAL may grow to its whole slice
-        st = os.statvfs(self.path.parent)
-        spare = st.f_bavail * st.f_frsize - self.min_free_bytes - max(0, wal_need - wal)
+        free = self._disk_spare()
+        if free is None:
+            free = (self.max_pages + 1) * PAGE_SIZE + self.min_free_bytes + wal_need
+        spare = free - self.min_free_bytes - max(0, wal_need - wal)
         by_disk = pages + max(0, spare) // PAGE_SIZE < self.max_pages
         limit = min(self.max_pages, pages + max(0, spare) // PAGE_SIZE)
         self._db.execute(f"PRAGMA max_page_count={max(limit, 1)}")
@@ -216,19 +237,38 @@ class Room:
         self.shrink_to_budget()
 
     def shrink_to_budget(self) -> None:
-        """A buffer above max_mb (max_mb was lowered) is pruned and vacuumed, in small steps."""
+        """A buffer above max_mb (max_mb was lowered, or a file from `sqlite3 .recover`) is
+        pruned and vacuumed, in small steps. Bounded: it stops when a step frees nothing."""
+        if sql.pragma(self._db, "page_count") <= self.max_pages:
+            return
+        if sql.pragma(self._db, "auto_vacuum") != 2:
+            self._convert()
         shrunk = False
         while sql.pragma(self._db, "page_count") > self.max_pages:
+            before = sql.pragma(self._db, "page_count"), self._rows()
             free = sql.pragma(self._db, "freelist_count")
             if free == 0:
-                before = self._rows()
                 self.make(sql.pragma(self._db, "page_count") - self.max_pages, False)
-                if self._rows() == before:
-                    break
-                continue
-            # executescript frees all asked pages; execute() would free one (limits.md §3).
-            self._db.executescript(f"PRAGMA incremental_vacuum({max(1, min(free, self.txn_pages // 4))});")
-            shrunk = True
+            else:
+                # executescript frees all asked pages; execute() would free one (limits.md §3).
+                self._db.executescript(f"PRAGMA incremental_vacuum({max(1, min(free, self.txn_pages // 4))});")
+                shrunk = True
+            if (sql.pragma(self._db, "page_count"), self._rows()) == before and \
+                    sql.pragma(self._db, "freelist_count") == free:
+                log.warning("device=_site buffer %s stays above max_mb: nothing more can be freed", self.path)
+                break
         if shrunk:  # the file itself only gets shorter when the WAL is checkpointed
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def _convert(self) -> None:
+        """A file without incremental auto_vacuum (made by another tool) cannot give pages
+        back step by step: convert it once with a VACUUM (it needs free disk space about the
+        size of the file; without it the file stays as it is, and room is made inside it)."""
+        log.info("device=_site buffer %s has no incremental auto_vacuum: converting it once (VACUUM)", self.path)
+        try:
+            self._db.execute(f"PRAGMA max_page_count={2**31 - 2}")  # VACUUM rewrites the whole file
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as err:
+            log.warning("device=_site cannot convert buffer %s (%s): pruning inside it instead", self.path, err)

@@ -12,7 +12,8 @@ from drivers.model import Event, Reading
 
 KIND_DATA = 0
 KIND_EVENT = 1
-KIND_DROP = 2  # a `dropped` event: never dropped itself, so every drop stays announced
+KIND_DROP = 2  # an announcement of loss or lineage: never dropped itself, so every loss stays announced
+ANNOUNCEMENTS = frozenset({"dropped", "dropped_unbuffered", "buffer_reset"})
 
 RecordRow = tuple[int, str, int, str]  # kind, device, ts, body (JSON object text)
 
@@ -23,6 +24,7 @@ class Row(NamedTuple):  # a tuple: a day of backlog is read at several 100k rows
     device: str
     ts: int
     body: str  # JSON object text: {"values":…,"q":…} for data, {"event":…,…} for events
+    epoch: str = ""  # the lineage the seq was drawn in (agent/store/opening.py)
 
     def json(self) -> dict[str, object]:
         parsed: dict[str, object] = json.loads(self.body)
@@ -38,9 +40,10 @@ class Stats:
     dropped_unsent: int
     size_bytes: int
     budget_bytes: int
+    epoch: str = ""
 
 
-def as_rows(rows: list[tuple[int, int, str, int, str]]) -> list[Row]:
+def as_rows(rows: list[tuple[int, int, str, int, str, str]]) -> list[Row]:
     """Result tuples as Rows without a Python call per row (a day of backlog is 864k rows)."""
     return list(map(tuple.__new__, repeat(Row), rows))
 
@@ -65,7 +68,7 @@ def record_row(r: Reading | Event) -> RecordRow:
         body = json.dumps({"values": r.values, "q": r.quality}, ensure_ascii=False, separators=(",", ":"))
         return (KIND_DATA, r.device, r.ts_ms, body)
     body = json.dumps({"event": r.event, **r.details}, ensure_ascii=False, separators=(",", ":"))
-    return (KIND_EVENT, r.device, r.ts_ms, body)
+    return (KIND_DROP if r.event in ANNOUNCEMENTS else KIND_EVENT, r.device, r.ts_ms, body)
 
 
 def records_from(rows: Sequence[Row]) -> list[Reading | Event]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 
 
@@ -35,3 +36,51 @@ def rollback(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
     except sqlite3.Error:
         pass
+
+
+# -- what a failed write means --------------------------------------------------------------
+
+FULL = "full"  # no room: max_mb reached, SQLITE_FULL, ENOSPC. Only this may drop data.
+CORRUPT = "corrupt"  # the file is damaged: set it aside, open a fresh one
+TRANSIENT = "transient"  # EIO, SQLITE_IOERR, BUSY, a read-only remount...: hold and retry
+
+
+def classify(err: BaseException) -> str:
+    """FULL, CORRUPT or TRANSIENT. By SQLite's result code where there is one (the message
+    text is only a fallback): a "disk I/O error" is not a full disk, and treating it as one
+    deleted every unsent row."""
+    if isinstance(err, OSError):
+        return FULL if err.errno in (errno.ENOSPC, errno.EDQUOT) else TRANSIENT
+    code = getattr(err, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        primary = code & 0xFF
+        if primary == sqlite3.SQLITE_FULL:
+            return FULL
+        if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return CORRUPT
+        return TRANSIENT
+    text = str(err).lower()
+    if "database or disk is full" in text:
+        return FULL
+    if "malformed" in text or "not a database" in text:
+        return CORRUPT
+    return TRANSIENT
+
+
+# -- epochs: which seqs were drawn in which lineage ---------------------------------------------
+
+
+def epochs(db: sqlite3.Connection) -> list[tuple[int, str]]:
+    """(first_seq, epoch) segments, oldest first; a seq belongs to the last segment at or below it."""
+    return [(int(a), str(b)) for a, b in db.execute(
+        "SELECT value, substr(name, 7) FROM counter WHERE name LIKE 'epoch:%' ORDER BY value")]
+
+
+def add_epoch(db: sqlite3.Connection, first_seq: int, epoch: str) -> None:
+    db.execute("INSERT INTO counter(name, value) VALUES (?, ?)", (f"epoch:{epoch}", first_seq))
+
+
+def set_last_seq(db: sqlite3.Connection, seq: int) -> None:
+    """Make the next AUTOINCREMENT seq seq + 1 (never lowers it)."""
+    if db.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='record'", (seq,)).rowcount == 0:
+        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('record', ?)", (seq,))

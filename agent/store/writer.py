@@ -6,11 +6,21 @@ committed `commit_interval` later (default 1 s) with everything that arrived mea
 devices of one aligned cycle finish within that window, so a cycle costs one fsync, not one per
 reading (limits.md §2: SD-card wear).
 
-If the buffer cannot take a batch even after making room (a disk so full that SQLite cannot
-grow its WAL), the records wait here in memory, bounded, and are retried every second:
-polling goes on and the agent recovers by itself when space returns. Records pushed out of
-memory never received a seq, so they leave no gap; they are announced as a
-`dropped_unbuffered` event on `_site` once writing works again.
+A failed commit is handled by what it means (agent/store/sql.py `classify`):
+
+- full (max_mb, SQLITE_FULL, ENOSPC, the free-space floor): the buffer has already made room as
+  far as it may; what still does not fit waits here and is retried every RETRY_S;
+- corrupt (SQLITE_CORRUPT / NOTADB): the file is set aside and a fresh one opened (a new epoch,
+  announced), and the records waiting here are written there at once;
+- transient (EIO, SQLITE_IOERR, BUSY, a read-only file system, ...): nothing is deleted; the
+  records wait here and are retried with backoff up to RETRY_MAX_S.
+
+Waiting records are bounded (MEMORY_LIMIT, oldest out first). Records pushed out of memory never
+received a seq, so they leave no gap; they are announced as `dropped_unbuffered` on `_site` once
+writing works again. Records still held when the agent stops (or while it cannot write for
+long) are summed up in the buffer's side file and announced at the next start. `last_progress`
+advances only while commits succeed (or nothing waits): a writer that cannot store anything
+stops the systemd watchdog's pings.
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ import queue
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from agent.logutil import RateLimitedLog
+from agent.store import sql
 from agent.store.buffer import Buffer, PartialWrite
 from drivers.errors import StorageError
 from drivers.model import Event, Reading
@@ -29,7 +41,10 @@ from drivers.model import Event, Reading
 log = logging.getLogger(__name__)
 MEMORY_LIMIT = 20_000  # records held while the disk is full (~30 min of a 100-inverter site)
 IDLE_WAKE_S = 1.0  # the thread wakes at least this often, so the watchdog sees it alive
-RETRY_S = 1.0  # a batch that could not be written is retried this often
+RETRY_S = 1.0  # a batch that could not be written for lack of room is retried this often
+RETRY_MAX_S = 30.0  # transient errors: retried with backoff, doubling up to this
+NOTE_S = 10.0  # while failing, the side file's summary of what is held is refreshed this often
+MAX_DEVICES_NOTED = 100
 
 Record = Reading | Event
 
@@ -51,10 +66,21 @@ class BufferWriter:
         self.last_progress = time.monotonic()
         self._flushed = threading.Condition()
         self._generation = 0
+        # health: what went wrong and how often (agent/service/health.py reads these)
+        self.failed_commits = 0
+        self.errors: dict[str, int] = {sql.FULL: 0, sql.CORRUPT: 0, sql.TRANSIENT: 0}
+        self.last_error: str | None = None
+        self.retry_s = 0.0
+        self._needs_recovery: str | None = None
+        self._noted_at: float | None = None
 
     @property
     def held_in_memory(self) -> int:
         return len(self._pending)
+
+    @property
+    def buffer_resets(self) -> int:
+        return self.buffer.resets
 
     def put(self, record: Record) -> None:
         """Thread-safe; called from the event loop for every completed poll and event."""
@@ -65,7 +91,8 @@ class BufferWriter:
         self._thread.start()
 
     def stop(self) -> None:
-        """Commit everything queued so far, then end the thread."""
+        """Commit everything queued so far, then end the thread; what cannot be written is
+        recorded in the side file, to be announced at the next start."""
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -80,11 +107,18 @@ class BufferWriter:
         stopping = False
         while not stopping:
             stopping = self._gather()
-            self._commit()
-            self.last_progress = time.monotonic()
+            try:
+                self._commit()
+            except Exception as err:  # the thread must never die: hold, and retry later
+                log.exception("device=_site buffer writer: unexpected error")
+                self._failed(0, StorageError(str(err)), sql.TRANSIENT, announced=False)
+            if self.last_commit_ok or not self._pending:
+                self.last_progress = time.monotonic()
             with self._flushed:
                 self._generation += 1
                 self._flushed.notify_all()
+        if self._pending or self._unannounced:
+            self._note_held("the agent stopped while the buffer was not writable")
 
     def _gather(self) -> bool:
         """Wait for the first record of a batch, then collect for commit_interval; True on stop."""
@@ -92,8 +126,8 @@ class BufferWriter:
             wait = IDLE_WAKE_S
         elif self.last_commit_ok:
             wait = self.commit_interval_s
-        else:  # the disk is full: retry, but not in a tight loop
-            wait = max(self.commit_interval_s, RETRY_S)
+        else:  # failing: retry, but not in a tight loop
+            wait = max(self.commit_interval_s, self.retry_s)
         deadline = time.monotonic() + wait
         while True:
             timeout = deadline - time.monotonic()
@@ -120,37 +154,61 @@ class BufferWriter:
     def _commit(self) -> None:
         if not self._pending:
             return
-        batch = list(self._pending)
-        announce = self._announcement()
+        for _ in range(2):  # a damaged file: once more, into the fresh file
+            if self._needs_recovery is not None and not self._recover(self._needs_recovery):
+                return
+            batch = list(self._pending)
+            announce = self._announcement()
+            try:
+                self.buffer.append(([announce] if announce else []) + batch)
+            except PartialWrite as err:
+                done = len(err.seqs) - (1 if announce else 0)
+                self._failed(max(0, done), err, err.kind, announced=announce is not None and len(err.seqs) > 0)
+                if err.kind != sql.CORRUPT:
+                    return
+                self._needs_recovery = str(err)
+                continue
+            self._succeeded(len(batch), announce is not None)
+            return
+
+    def _recover(self, problem: str) -> bool:
         try:
-            self.buffer.append(([announce] if announce else []) + batch)
-        except PartialWrite as err:
-            done = len(err.seqs) - (1 if announce else 0)
-            self._held(max(0, done), err, announced=announce is not None and len(err.seqs) > 0)
-            return
-        except StorageError as err:  # defensive: append raises PartialWrite
-            self._held(0, err, announced=False)
-            return
-        if announce is not None:
+            self.buffer.recover(problem)
+        except StorageError as err:
+            self._rl.warning("recover", "device=_site cannot replace the damaged buffer: %s", err)
+            return False
+        self._needs_recovery = None
+        return True
+
+    def _succeeded(self, n: int, announced: bool) -> None:
+        if announced:
             self._unannounced, self._dropped_ts = 0, None
         if not self.last_commit_ok:
             log.info("device=_site buffer writes succeed again")
             self._rl.reset("commit")
+        if self._noted_at is not None:
+            self.buffer.note_unbuffered(None)  # what was held is written now
+            self._noted_at = None
         self.last_commit_ok = True
-        self.committed += len(batch)
+        self.retry_s = 0.0
+        self.committed += n
         self.commits += 1
         self._pending.clear()
 
-    def _held(self, done: int, err: StorageError, announced: bool) -> None:
+    def _failed(self, done: int, err: StorageError, kind: str, announced: bool) -> None:
         """Part of a batch was not stored: keep the rest in memory, bounded, oldest out first."""
-        for _ in range(done):
+        for _ in range(min(done, len(self._pending))):
             self._pending.popleft()
         self.committed += done
         if announced:
             self._unannounced, self._dropped_ts = 0, None
         self.last_commit_ok = False
-        self._rl.warning("commit", "device=_site buffer write failed, %d records held in memory: %s",
-                         len(self._pending), err)
+        self.failed_commits += 1
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.last_error = f"{kind}: {err}"
+        self.retry_s = RETRY_S if kind != sql.TRANSIENT else min(RETRY_MAX_S, max(RETRY_S, self.retry_s * 2))
+        self._rl.warning("commit", "device=_site buffer write failed (%s), %d records held in memory: %s",
+                         kind, len(self._pending), err)
         while len(self._pending) > MEMORY_LIMIT:
             lost = self._pending.popleft()
             self.memory_dropped += 1
@@ -158,12 +216,27 @@ class BufferWriter:
             first = self._dropped_ts[0] if self._dropped_ts else lost.ts_ms
             self._dropped_ts = (first, lost.ts_ms)
         if self._unannounced:
-            self._rl.warning("memory", "device=_site disk full for long: %d records discarded from memory so far",
-                             self.memory_dropped)
+            self._rl.warning("memory", "device=_site buffer not writable for long: %d records discarded from "
+                             "memory so far", self.memory_dropped)
+        if self._noted_at is None or time.monotonic() - self._noted_at >= NOTE_S:
+            self._note_held(f"buffer not writable ({kind}) when the agent last ran")
+
+    def _note_held(self, reason: str) -> None:
+        """Sum up what is held (and what was discarded unannounced) in the side file."""
+        held = list(self._pending)
+        count = len(held) + self._unannounced
+        if not count:
+            return
+        stamps = [r.ts_ms for r in held] + (list(self._dropped_ts) if self._dropped_ts else [])
+        devices = sorted({r.device for r in held})
+        summary: dict[str, Any] = {"count": count, "first_ts": min(stamps), "last_ts": max(stamps),
+                                   "devices": devices[:MAX_DEVICES_NOTED], "reason": reason}
+        if self.buffer.note_unbuffered(summary):
+            self._noted_at = time.monotonic()
 
     def _announcement(self) -> Event | None:
         if not self._unannounced or self._dropped_ts is None:
             return None
         return Event("_site", int(time.time() * 1000), "dropped_unbuffered", {
             "count": self._unannounced, "first_ts": self._dropped_ts[0], "last_ts": self._dropped_ts[1],
-            "reason": f"buffer not writable (disk full); more than {MEMORY_LIMIT} records waited in memory"})
+            "reason": f"buffer not writable; more than {MEMORY_LIMIT} records waited in memory"})

@@ -78,7 +78,7 @@ def _by_run(rows: Sequence[Row]) -> list[list[Row] | Row]:
         last = out[-1] if out else None
         if row.kind != KIND_DATA:
             out.append(row)
-        elif isinstance(last, list) and last[0].device == row.device:
+        elif isinstance(last, list) and last[0].device == row.device and last[0].epoch == row.epoch:
             last.append(row)
         else:
             out.append([row])
@@ -88,15 +88,15 @@ def _by_run(rows: Sequence[Row]) -> list[list[Row] | Row]:
 def _by_device(rows: Sequence[Row]) -> list[list[Row] | Row]:
     """Each device's readings together, at the place of its first; events alone."""
     out: list[list[Row] | Row] = []
-    per: dict[str, list[Row]] = {}
+    per: dict[tuple[str, str], list[Row]] = {}  # one message never mixes epochs
     for row in rows:
         if row.kind != KIND_DATA:
             out.append(row)
-        elif row.device in per:
-            per[row.device].append(row)
+        elif (row.device, row.epoch) in per:
+            per[row.device, row.epoch].append(row)
         else:
-            per[row.device] = [row]
-            out.append(per[row.device])
+            per[row.device, row.epoch] = [row]
+            out.append(per[row.device, row.epoch])
     return out
 
 
@@ -141,17 +141,19 @@ class MessageBuilder:
             out.append(chunk)
         return out
 
-    def _head(self, device: str) -> str:
-        return f'"v":1,"site":{self.site_json},"device":{json.dumps(device, ensure_ascii=False)}'
+    def _head(self, device: str, epoch: str = "") -> str:
+        # epoch: the buffer lineage the seqs were drawn in; the center dedupes on (epoch, seq)
+        head = f'"v":1,"site":{self.site_json},"device":{json.dumps(device, ensure_ascii=False)}'
+        return head + (f',"epoch":{json.dumps(epoch)}' if epoch else "")
 
     def _data(self, rows: list[Row], lane: str, tail: str) -> Message:
         # Stored bodies are JSON objects with values and q: splice seq and ts in, no parsing.
         readings = ",".join([f'{{"seq":{r.seq},"ts":{r.ts},{r.body[1:]}' for r in rows])
-        text = "{" + self._head(rows[0].device) + ',"readings":[' + readings + "]" + tail + "}"
+        text = "{" + self._head(rows[0].device, rows[0].epoch) + ',"readings":[' + readings + "]" + tail + "}"
         return Message(self.topics.data(rows[0].device), text.encode(), [r.seq for r in rows], lane)
 
     def _event(self, row: Row, lane: str, tail: str) -> Message:
-        text = _obj(f'{self._head(row.device)},"seq":{row.seq},"ts":{row.ts}', row.body, tail)
+        text = _obj(f'{self._head(row.device, row.epoch)},"seq":{row.seq},"ts":{row.ts}', row.body, tail)
         return Message(self.topics.events(row.device), text.encode(), [row.seq], lane)
 
 
