@@ -2,6 +2,7 @@
 
     python bench/bus.py                      # ~2.5 minutes
     python bench/bus.py --interval 10 --healthy-cycles 3 --silent-cycles 9
+    python bench/bus.py --sparse             # devices refusing reads across their holes (bench/sparse.py)
 
 pvgate-sim serves 30 huawei-sun2000 (units 1-30) and one chint-dtsu666 (unit 31) on one end of a
 socat pty pair, emulating a 9600-baud 8N1 wire with a fixed device turnaround; pvgate's own
@@ -91,14 +92,17 @@ class Bench:
         listen = f"rtu://{a}?baudrate={self.args.baud}&parity=N&turnaround_ms={self.args.turnaround_ms:g}"
         cmd = [sys.executable, "-m", "simulator.cli", "--listen", listen, "--control", f"tcp://127.0.0.1:{self.ctl}",
                "--start", "12:00"]
-        cmd += [arg for u in range(1, INVERTERS + 1) for arg in ("--device", f"{u}:huawei-sun2000")]
-        cmd += ["--device", f"{METER_UNIT}:chint-dtsu666"]
+        cmd += self.sim_devices()
         sim = self._spawn(cmd, "sim", stdout=subprocess.PIPE)
         assert sim.stdout is not None
         line = sim.stdout.readline().decode()
         if '"ready"' not in line:
             sys.exit(f"pvgate-sim did not start: {line!r}; see {self.tmp}/sim.err")
         return a, b
+
+    def sim_devices(self) -> list[str]:
+        args = [arg for u in range(1, INVERTERS + 1) for arg in ("--device", f"{u}:huawei-sun2000")]
+        return [*args, "--device", f"{METER_UNIT}:chint-dtsu666"]
 
     def _spawn(self, cmd: list[str], name: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
         err = open(self.tmp / f"{name}.err", "wb")  # noqa: SIM115 - closed with the process
@@ -254,10 +258,19 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=0.5)
     p.add_argument("--retries", type=int, default=1)
     p.add_argument("--inter-frame", type=float, default=0.05, help="quiet gap after a timeout (s)")
+    p.add_argument("--sparse", action="store_true",
+                   help="devices served from vendor register images that refuse reads across holes")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="pvgate-bench-"))
+    if args.sparse:
+        from sparse import run_sparse  # noqa: PLC0415 - bench/sparse.py imports this module
+
+        try:
+            return run_sparse(args, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     bench = Bench(args, tmp)
     try:
         _, agent_end = bench.start()

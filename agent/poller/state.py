@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from drivers.model import Block, Device, Event, Reading, Table, Value
+from agent.poller.learning import Learned, fingerprint
+from drivers.model import Block, Device, Event, Reading, Value
 from drivers.plan import plan_reads
 
 Sink = Callable[[Reading | Event], None]
@@ -42,8 +43,7 @@ BUSY_DELAY_S = 0.2  # first wait after "busy"; grows linearly
 class DeviceState:
     device: Device
     blocks: list[Block] = field(default_factory=list)
-    splits: set[tuple[Table, int]] = field(default_factory=set)
-    unsupported: set[str] = field(default_factory=set)
+    learned: Learned = field(default_factory=lambda: Learned(""))  # what the device really serves
     online: bool | None = None  # None until the first poll decides
     asleep: bool = False  # not answering, and the night policy says it sleeps (online is False)
     failures: int = 0
@@ -61,10 +61,20 @@ class DeviceState:
     identity_read: bool = False
     discovered: bool = False  # SunSpec: the model chain was walked and the points placed
 
+    def __post_init__(self) -> None:
+        if not self.learned.fingerprint:
+            self.learned = Learned(fingerprint(self.device.profile))
+
+    @property
+    def unsupported(self) -> set[str]:
+        return self.learned.unsupported
+
     def replan(self) -> None:
+        """The fewest reads the device accepts: the map's holes and the learned ones."""
         dmap = self.device.profile
-        points = [p for p in dmap.points if p.key not in self.unsupported]
-        self.blocks = plan_reads(points, dmap.max_block, dmap.max_gap, dmap.holes, self.splits)
+        points = [p for p in dmap.points if p.key not in self.learned.unsupported]
+        holes = (*dmap.holes, *self.learned.holes)
+        self.blocks = plan_reads(points, dmap.max_block, dmap.max_gap, holes, self.learned.splits)
 
 
 @dataclass

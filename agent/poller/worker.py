@@ -20,8 +20,9 @@ gone, DTU unreachable) costs no bus time, so it does not push the devices' probe
 tried again at their next interval, and answer as soon as the link is back.
 
 Modbus exception 6 (busy) is retried later, up to three times, without holding the bus; exception
-2 (illegal address) on a merged block splits the block for good, and a single point that is
-refused is no longer read.
+2 (illegal address) on a merged block starts a bisection that learns which registers the device
+serves (agent/poller/learning.py); the plan then merges over what it learned, and a single point
+that is refused is no longer read.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from agent.logutil import RateLimitedLog
+from agent.poller.learning import Bisection, Learned
 from agent.poller.state import (
     BUSY_DELAY_S,
     BUSY_RETRIES,
@@ -57,6 +60,7 @@ from drivers.publishable import published_values
 from drivers.sunspec import DiscoveryError, device_map, discover, without_scale_factors
 
 log = logging.getLogger(__name__)
+LearnedSink = Callable[[str, Learned], None]  # device id, what it serves: kept across restarts
 
 
 class LinkWorker:
@@ -64,8 +68,10 @@ class LinkWorker:
 
     def __init__(self, link: Link, devices: list[Device], sink: Sink,
                  identity_sink: IdentitySink | None = None, client: LinkClient | None = None,
-                 stamp: Stamp = wall_stamp, night: NightPolicy | None = None) -> None:
+                 stamp: Stamp = wall_stamp, night: NightPolicy | None = None,
+                 learned_sink: LearnedSink | None = None) -> None:
         self.link = link
+        self.learned_sink = learned_sink
         self.stamp = stamp
         self.night = night
         self.client = client or LinkClient(link)
@@ -193,7 +199,7 @@ class LinkWorker:
             except DeviceError as err:
                 code = err.exception_code
                 if code == EXC_ILLEGAL_ADDRESS:
-                    self._learn_split(state, block)
+                    await self._learn(state, block, timeout)
                     continue
                 if code == EXC_BUSY:
                     job.busy += 1
@@ -253,19 +259,41 @@ class LinkWorker:
                  ", ".join(str(i) for i in found.ids), len(dmap.points))
         return True
 
-    def _learn_split(self, state: DeviceState, block: Block) -> None:
-        """Exception 2 on a merged block: split it for good; a single point is unsupported."""
-        device_id = state.device.id
-        if len(block.points) == 1:
-            state.unsupported.add(block.points[0].key)
-            log.warning("device=%s point %s (%s %d) refused with illegal address: no longer read",
-                        device_id, block.points[0].key, block.table.name.lower(), block.start)
-        else:
-            mid = block.points[len(block.points) // 2]
-            state.splits.add((block.table, mid.address))
-            log.info("device=%s block %s %d+%d refused with illegal address: split at %d",
-                     device_id, block.table.name.lower(), block.start, block.count, mid.address)
-        state.replan()
+    async def _learn(self, state: DeviceState, block: Block, timeout: float) -> None:
+        """Exception 2: find the registers the device serves (agent/poller/learning.py), replan."""
+        device = state.device
+
+        async def read(table: Table, start: int, count: int) -> list[int]:
+            return await self.client.read(table, start, count, device.unit, timeout)
+
+        bisection = Bisection(read, state.learned)
+        before = state.learned.to_json()
+        try:
+            await bisection.run(list(block.points))
+        finally:
+            state.replan()
+            if state.learned.to_json() != before:
+                state.learned.learned_at = time.time()
+                log.info("device=%s block %s %d+%d refused: learned in %d reads; now %d reads per poll%s",
+                         device.id, block.table.name.lower(), block.start, block.count, bisection.transactions,
+                         len(state.blocks), f", not served: {', '.join(sorted(state.learned.unsupported))}"
+                         if state.learned.unsupported else "")
+                self._share(state, before)
+
+    def _share(self, taught: DeviceState, before: dict[str, Any]) -> None:
+        """Devices of one model serve the same registers: what one learned, its siblings on this
+        link that knew what it knew before start from (one learns, thirty do not pay for it).
+        A sibling that still refuses something learns on from there; another identity relearns."""
+        devices = [taught]
+        for state in self.states.values():
+            if (state is not taught and state.learned.fingerprint == taught.learned.fingerprint
+                    and _known(state.learned.to_json()) == _known(before)):
+                state.learned = Learned.from_json(taught.learned.to_json())
+                state.replan()
+                devices.append(state)
+        if self.learned_sink is not None:
+            for state in devices:
+                self.learned_sink(state.device.id, state.learned)
 
     async def _succeeded(self, state: DeviceState, reading: Reading) -> None:
         device = state.device
@@ -379,3 +407,8 @@ class LinkWorker:
             values["_points"] = [{"key": p.key, "unit": p.unit, "type": p.type.name_}
                                  for p in state.device.profile.points if p.publish]
         self.identity_sink(state.device.id, values)
+
+
+def _known(learned: dict[str, Any]) -> tuple[object, ...]:
+    """What a learned set says about the registers (not when or on which identity)."""
+    return learned["holes"], learned["splits"], learned["unsupported"]

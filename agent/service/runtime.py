@@ -37,7 +37,9 @@ from agent.clock.schedule import PollSchedule
 from agent.config import SiteConfig, load_site
 from agent.logutil import RateLimitedLog
 from agent.poller import DeviceState, LinkWorker
+from agent.poller.learning import Learned, identity_key
 from agent.service.health import health_message, status_snapshot
+from agent.service.learned import LearnedFile
 from agent.service.ondemand import OnDemandReads, worker_of
 from agent.service.reload import RELOAD_DRAIN_S, STOP_GRACE_S, Reloader
 from agent.service.sdnotify import SdNotifier
@@ -63,6 +65,8 @@ class Agent:
         self.buffer = Buffer(cfg.buffer.path, cfg.buffer.max_mb, cfg.buffer.keep_sent_days, cfg.buffer.min_free_mb)
         self.writer = BufferWriter(self.buffer, cfg.buffer.commit_interval_s)
         self.timekeeper = Timekeeper(cfg, self.buffer, self.writer.put, self.writer.flush)
+        self.learned_file = LearnedFile(cfg.agent.state_dir)
+        self.learned = self.learned_file.load()
         # Polls are timed on the monotonic clock; wall-clock steps cannot stop or burst them.
         self.schedule = PollSchedule(wall=lambda: time.time(), trusted=lambda: self.timekeeper.trusted,
                                      on_overrun=self._overrun)
@@ -104,7 +108,7 @@ class Agent:
             same_link = prev is not None and prev.link == link
             worker = LinkWorker(link, devices, self.writer.put, self._identity,
                                 client=prev.client if prev is not None and same_link else None,
-                                stamp=self.timekeeper.stamp, night=self.timekeeper)
+                                stamp=self.timekeeper.stamp, night=self.timekeeper, learned_sink=self._learned)
             for device in devices:
                 state = prev.states.get(device.id) if prev is not None and same_link else None
                 if (state is not None and state.device.unit == device.unit
@@ -122,15 +126,44 @@ class Agent:
         active = self.buffer.active_alarms() if fresh else {}
         for worker in workers.values():
             for did in fresh & set(worker.states):
-                worker.states[did].alarm_bits = dict(active.get(did, {}))
+                state = worker.states[did]
+                state.alarm_bits = dict(active.get(did, {}))
+                known = self.learned.get(did)
+                if known is not None and known.fresh(state.learned.fingerprint):
+                    state.learned = known  # the first poll after a restart is already a steady one
+                    state.replan()
         return workers, fresh
+
+    def _learned(self, device_id: str, learned: Learned) -> None:
+        """A device's register set was learned (or forgotten): keep it for the next start."""
+        self.learned[device_id] = learned
+        snapshot = dict(self.learned)
+        asyncio.get_running_loop().run_in_executor(None, self.learned_file.save, snapshot)
 
     def _identity(self, device_id: str, identity: dict[str, Any]) -> None:
         """A nameplate read: stored for the meta message; a device clock is a witness of ours."""
+        self._check_learned(device_id, identity)
         device_time = identity.get("device_time")
         if isinstance(device_time, (int, float)) and not isinstance(device_time, bool) and device_time > 0:
             self.timekeeper.witness(device_id, float(device_time))
         self.buffer.put_identity(device_id, identity)
+
+    def _check_learned(self, device_id: str, identity: dict[str, Any]) -> None:
+        """Registers learned on another model or firmware are learned again."""
+        worker = worker_of(self.workers, device_id)
+        if worker is None or not identity:
+            return
+        state = worker.states[device_id]
+        who = identity_key(identity)
+        if state.learned.identity and state.learned.identity != who:
+            log.info("device=%s identity changed (%s -> %s): learning its registers again",
+                     device_id, state.learned.identity, who)
+            state.learned = Learned(state.learned.fingerprint, identity=who)
+            state.replan()
+        elif state.learned.identity == who:
+            return
+        state.learned.identity = who
+        self._learned(device_id, state.learned)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
