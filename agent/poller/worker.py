@@ -31,12 +31,10 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from agent.logutil import RateLimitedLog
-from agent.poller.learning import Bisection, Learned
 from agent.poller.state import (
     BUSY_DELAY_S,
     BUSY_RETRIES,
@@ -51,6 +49,7 @@ from agent.poller.state import (
     Stamp,
     wall_stamp,
 )
+from agent.poller.teach import LearnedSink, learn_from_refusal
 from drivers.decode import active_bits, decode_points
 from drivers.errors import DeviceError, LinkError
 from drivers.link import EXC_BUSY, EXC_ILLEGAL_ADDRESS, LinkClient
@@ -60,7 +59,6 @@ from drivers.publishable import published_values
 from drivers.sunspec import DiscoveryError, device_map, discover, without_scale_factors
 
 log = logging.getLogger(__name__)
-LearnedSink = Callable[[str, Learned], None]  # device id, what it serves: kept across restarts
 
 
 class LinkWorker:
@@ -260,40 +258,13 @@ class LinkWorker:
         return True
 
     async def _learn(self, state: DeviceState, block: Block, timeout: float) -> None:
-        """Exception 2: find the registers the device serves (agent/poller/learning.py), replan."""
+        """Exception 2: find the registers the device serves, replan, teach its siblings."""
         device = state.device
 
         async def read(table: Table, start: int, count: int) -> list[int]:
             return await self.client.read(table, start, count, device.unit, timeout)
 
-        bisection = Bisection(read, state.learned)
-        before = state.learned.to_json()
-        try:
-            await bisection.run(list(block.points))
-        finally:
-            state.replan()
-            if state.learned.to_json() != before:
-                state.learned.learned_at = time.time()
-                log.info("device=%s block %s %d+%d refused: learned in %d reads; now %d reads per poll%s",
-                         device.id, block.table.name.lower(), block.start, block.count, bisection.transactions,
-                         len(state.blocks), f", not served: {', '.join(sorted(state.learned.unsupported))}"
-                         if state.learned.unsupported else "")
-                self._share(state, before)
-
-    def _share(self, taught: DeviceState, before: dict[str, Any]) -> None:
-        """Devices of one model serve the same registers: what one learned, its siblings on this
-        link that knew what it knew before start from (one learns, thirty do not pay for it).
-        A sibling that still refuses something learns on from there; another identity relearns."""
-        devices = [taught]
-        for state in self.states.values():
-            if (state is not taught and state.learned.fingerprint == taught.learned.fingerprint
-                    and _known(state.learned.to_json()) == _known(before)):
-                state.learned = Learned.from_json(taught.learned.to_json())
-                state.replan()
-                devices.append(state)
-        if self.learned_sink is not None:
-            for state in devices:
-                self.learned_sink(state.device.id, state.learned)
+        await learn_from_refusal(read, state, block, self.states.values(), self.learned_sink)
 
     async def _succeeded(self, state: DeviceState, reading: Reading) -> None:
         device = state.device
@@ -407,8 +378,3 @@ class LinkWorker:
             values["_points"] = [{"key": p.key, "unit": p.unit, "type": p.type.name_}
                                  for p in state.device.profile.points if p.publish]
         self.identity_sink(state.device.id, values)
-
-
-def _known(learned: dict[str, Any]) -> tuple[object, ...]:
-    """What a learned set says about the registers (not when or on which identity)."""
-    return learned["holes"], learned["splits"], learned["unsupported"]
