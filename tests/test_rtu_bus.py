@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
@@ -66,7 +67,10 @@ def start_sim(procs: ProcStarter, listen: str, devices: Sequence[str], control_p
     for d in devices:
         cmd += ["--device", d]
     proc = procs(cmd, "sim")
-    proc.wait_for_line(r'^\{"event": "ready"', timeout=15, stream="stdout")
+    ready = json.loads(proc.wait_for_line(r'^\{"event": "ready".*$', timeout=15, stream="stdout").group(0))
+    global SUN_CLOCK  # the agent judges day and night by the simulated station's clock (noon here)
+    c = ready["clock"]
+    SUN_CLOCK = f"{c['real0']},{c['sim0']},{c['speed']}"
     return proc
 
 
@@ -93,8 +97,12 @@ def write_site(tmp: Path, site_id: str, broker_port: int, link: str, devices: Se
     return path
 
 
+SUN_CLOCK = ""
+
+
 def start_agent(procs: ProcStarter, site: Path) -> Proc:
-    proc = procs([PY, "-m", "agent.cli", "run", "-c", str(site)], "agent")
+    env = {**os.environ, "PVGATE_TEST_SUN_CLOCK": SUN_CLOCK} if SUN_CLOCK else None
+    proc = procs([PY, "-m", "agent.cli", "run", "-c", str(site)], "agent", env=env)
     proc.wait_for_line(r"running: site", timeout=20, stream="stderr")
     return proc
 

@@ -179,8 +179,8 @@ def run_demo(seconds: float = 0.0, speed: float = 60.0, workdir: str | None = No
         procs.append(_start_broker(work, broker_port, broker))
         sim_cmd = [sys.executable, "-m", "simulator.cli", "--listen", f"tcp://127.0.0.1:{modbus_port}",
                    "--speed", f"{speed:g}", "--start", "09:30",
-                   # Until the agent tells sleep from offline, a demo left running past dusk would
-                   # show every inverter offline: its inverters stay in standby at night.
+                   # The simulator's day runs 60x faster than the agent's, which judges night by the
+                   # real clock: inverters silent at simulated dusk would look offline at real noon.
                    "--night", "standby"]
         for _, unit, profile, kw in DEVICES:
             sim_cmd += ["--device", f"{unit}:{profile}:{kw}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,8 +75,13 @@ def agent_cmd(site: Path) -> list[str]:
     return [PY, "-m", "agent.cli", "run", "-c", str(site)]
 
 
-def start_agent(procs: Starter, site: Path, name: str = "agent") -> Proc:
-    proc = procs(agent_cmd(site), name)
+def start_agent(procs: Starter, site: Path, name: str = "agent", sim_clock: SimClock | None = None) -> Proc:
+    """The agent as a process. With sim_clock it judges day and night by the simulated station's
+    clock (the agent's PVGATE_TEST_SUN_CLOCK test hook), so a silent inverter in a test at
+    simulated noon is offline whatever the hour where the test runs."""
+    env = None if sim_clock is None else {
+        **os.environ, "PVGATE_TEST_SUN_CLOCK": f"{sim_clock.real0},{sim_clock.sim0},{sim_clock.speed}"}
+    proc = procs(agent_cmd(site), name, env=env)
     proc.wait_for_line(r"running: site", timeout=20, stream="stderr")
     return proc
 
