@@ -144,14 +144,14 @@ def test_readings_buffered_on_an_unsynchronised_clock_are_restamped(tmp_path: Pa
 
 
 def test_a_night_of_sleeping_inverters_over_the_chain(tmp_path: Path, broker, collector_factory, procs) -> None:
-    """From 15:00 to 06:40 next day at 1200x (about 47 s): three inverters and a meter, inverter 3
-    silent from the start (a fault in daylight). pvgate-sim's inverters stop answering at 18:00
+    """From 11:30 to 06:40 next day at 1200x (about 58 s): three inverters and a meter, inverter 3
+    silent from the start (a fault at noon). pvgate-sim's inverters stop answering at 18:00
     and answer again from 06:00; the site is at 30°N 120°E, where the sun sets at about 18:13 and
     rises at about 06:07 on 20 March (NOAA)."""
     devices = [SimDev("inv01", 1, "huawei-sun2000"), SimDev("inv02", 2, "huawei-sun2000"),
                SimDev("inv03", 3, "huawei-sun2000"), SimDev("meter", 11, "chint-dtsu666")]
     port = free_port()
-    cmd = sim_cmd(port, devices, speed=1200, start="2026-03-20T15:00") + ["--fault", "3:silent"]
+    cmd = sim_cmd(port, devices, speed=1200, start="2026-03-20T11:30") + ["--fault", "3:silent"]
     sim = procs(cmd, "sim")
     ready = json.loads(sim.wait_for_line(r'^\{"event": "ready".*$', timeout=15, stream="stdout").group(0))
     c = ready["clock"]
@@ -162,14 +162,14 @@ def test_a_night_of_sleeping_inverters_over_the_chain(tmp_path: Path, broker, co
                                              "  timezone: Asia/Shanghai\n  location: {lat: 30.0, lon: 120.0}"))
     col = collector_factory(["pvgate/night/#"])
     agent = start_agent_with(procs, site, {"PVGATE_TEST_SUN_CLOCK": f"{c['real0']},{c['sim0']},{c['speed']}"})
-    end_sim = sim_clock.sim0 + 15.7 * 3600
+    end_sim = sim_clock.sim0 + 19.2 * 3600
     col.wait_for(lambda ms: sim_clock.sim(time.time()) >= end_sim and len(events(ms, "wake")) >= 2,
                  timeout=90, desc="dawn and two wake events")
     agent.terminate(timeout=15)
     msgs = col.messages("pvgate/night/#")
 
-    def local_h(ev: dict[str, Any]) -> float:  # simulated local hours since 15:00 on the first day
-        return 15.0 + (sim_clock.sim(ev["ts"] / 1000) - sim_clock.sim0) / 3600
+    def local_h(ev: dict[str, Any]) -> float:  # simulated local hours since midnight of the first day
+        return 11.5 + (sim_clock.sim(ev["ts"] / 1000) - sim_clock.sim0) / 3600
 
     for dev in ("inv01", "inv02"):
         mine = [e for e in data_and_events(msgs) if e.topic.endswith(f"/events/{dev}")]
@@ -183,8 +183,8 @@ def test_a_night_of_sleeping_inverters_over_the_chain(tmp_path: Path, broker, co
         assert 18.0 <= local_h(sleep[0]) <= 20.5, local_h(sleep[0])
         assert 24 + 5.2 <= local_h(wake[0]) <= 24 + 6.9, local_h(wake[0])  # probing resumes 45 min before sunrise
     inv3 = [m.json() for m in data_and_events(msgs) if m.topic.endswith("/events/inv03")]
-    assert [e["event"] for e in inv3][:1] == ["offline"], inv3  # silent at 15:00: a fault, not sleep
-    assert local_h(inv3[0]) < 17.0 and "daylight" in inv3[0]["reason"]
+    assert [e["event"] for e in inv3][:1] == ["offline"], inv3  # silent at noon: a fault, not sleep
+    assert local_h(inv3[0]) < 13.5 and "daylight" in inv3[0]["reason"]
     assert not [e for e in inv3 if e["event"] in ("sleep", "wake")]
     meter = sorted(m.t for m in msgs if m.topic.endswith("/data/meter"))
     # The meter is polled through the night. It shares its link with the inverters, whose silent

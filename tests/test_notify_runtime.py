@@ -16,11 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from support.broker import Broker
-from support.chain import SimDev, agent_cmd, start_sim, write_site
+from support.chain import SimDev, agent_cmd, buffer_seqs, readings, start_sim, write_site
+from support.faults import overwrite_page
 from support.ports import free_port
 from support.procs import Proc
 
@@ -158,3 +160,38 @@ def test_watchdog_pings_stop_when_the_poll_loop_is_wedged(
     assert agent.wait(timeout=15) == 0, agent.tail()
     time.sleep(0.2)
     assert "STOPPING=1" in systemd.messages()
+
+
+def test_a_corrupt_buffer_at_start_is_set_aside_and_the_station_goes_on(
+        tmp_path: Path, broker: Broker, procs: Callable[..., Proc], systemd: FakeSystemd,
+        collector_factory: Callable[..., Any]
+) -> None:
+    """A power cut damaged the buffer's first page (a real file, really overwritten): READY within
+    10 s, data within 20 s, the file set aside, `buffer_reset` published, seq above the old file's."""
+    site, port = _site(tmp_path, broker.port, "corrupt")
+    start_sim(procs, port, DEVICES, speed=60)
+    first = procs(agent_cmd(site), "agent1")
+    first.wait_for_line(r"running: site corrupt", timeout=20)
+    time.sleep(2.5)
+    assert first.terminate(timeout=15) == 0
+    old_last, _ = buffer_seqs(tmp_path / "buffer.sqlite")
+    assert old_last > 3
+    overwrite_page(tmp_path / "buffer.sqlite", 1)  # the header page: not a database any more
+
+    col = collector_factory(["pvgate/corrupt/#"])
+    started = time.monotonic()
+    agent = procs(agent_cmd(site), "agent2", env=_env(systemd))
+    ready_at = systemd.wait_for("READY=1", timeout=10)
+    assert ready_at - started <= 10
+    col.wait_for(lambda ms: any("/data/" in m.topic for m in ms), timeout=20 - (time.monotonic() - started),
+                 desc="data within 20 s of the start")
+    col.wait_for(lambda ms: any(m.topic.endswith("/events/_site") and m.json().get("event") == "buffer_reset"
+                                for m in ms), timeout=10, desc="buffer_reset")
+    reset = next(m.json() for m in col.messages() if m.topic.endswith("/events/_site")
+                 and m.json().get("event") == "buffer_reset")
+    assert reset["reason"] == "corrupt", reset
+    assert list(tmp_path.glob("buffer.sqlite.corrupt-*")), "the damaged file is kept, set aside"
+    data_seqs = [r["seq"] for r in readings([m for m in col.messages() if "/data/" in m.topic])]
+    assert min(data_seqs) > old_last, "seq goes on above the old file's (from the side record)"
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=15) == 0
