@@ -122,3 +122,18 @@ def test_resume_without_location_and_in_polar_night() -> None:
     assert resume_at(_t("05:30"), NOWHERE) == _t("05:30")
     polar_noon = _t("12:00", date(2026, 12, 21), POLAR.timezone)
     assert resume_at(polar_noon, POLAR) == polar_noon + 86400.0
+
+
+def test_resume_is_now_in_the_morning_margin_not_tomorrow() -> None:
+    """Found over the chain: at 06:30, 25 min after sunrise, a sleeping inverter must be polled
+    normally again, not at tomorrow's dawn."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    site = SiteLocation("Asia/Shanghai", 30.0, 120.0)
+    tz = ZoneInfo("Asia/Shanghai")
+    morning = datetime(2026, 3, 21, 6, 30, tzinfo=tz).timestamp()
+    assert resume_at(morning, site) == morning
+    evening = datetime(2026, 3, 20, 19, 40, tzinfo=tz).timestamp()
+    resume = datetime.fromtimestamp(resume_at(evening, site), tz)
+    assert (resume.day, resume.hour) == (21, 5)  # 45 min before the next sunrise (about 06:05)

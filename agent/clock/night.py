@@ -148,7 +148,9 @@ def resume_at(ts: float, site: SiteLocation, margin_s: float = MARGIN_S) -> floa
     day later, when the caller asks again.
     """
     if site.lat is not None and site.lon is not None:
-        rise = next_sunrise(ts, site.lat, site.lon)
+        # The sunrise that ends this night: within the margin after sunrise it is the one just
+        # past (resume now), not tomorrow's.
+        rise = next_sunrise(ts - margin_s, site.lat, site.lon)
         return max(ts, rise - margin_s) if rise is not None else ts + 86400.0
     local = datetime.fromtimestamp(ts, ZoneInfo(site.timezone))
     dawn = local.replace(hour=int(FALLBACK_SUNRISE_H), minute=0, second=0, microsecond=0)
