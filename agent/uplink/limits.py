@@ -96,7 +96,9 @@ class SizeGuard:
     def connection_lost(self, code: int | None) -> Sent | None:
         """The connection dropped. Returns the suspect when it has now failed often enough to be
         split (several records) or dropped (one record), after lowering the learned limit."""
-        suspect = next(iter(self._sent.values()), None)
+        # The largest message in flight: the broker may close before it flushes the PUBACKs of
+        # the smaller ones sent before it, so the oldest unacknowledged one is not always it.
+        suspect = max(self._sent.values(), key=lambda m: m.size, default=None)
         self._sent.clear()
         if suspect is None or suspect.size <= self.largest_acked or suspect.size <= MIN_LEARNED:
             return None  # the broker took as much before: a network cut, not the size

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0
 LOOP_TIMEOUT_S = 0.02
+STABLE_S = 30.0  # a connection that lasted this long resets the reconnect backoff
 OTHER_SLOTS = 4  # of the broker's Receive Maximum, left to status, meta, health and replies
 CommandHandler = Callable[[str, bytes], tuple[str, dict[str, Any]] | None]
 
@@ -67,6 +68,8 @@ class Publisher:
         self._connected = False
         self._attempts = 0
         self._next_attempt = 0.0
+        self._connected_at = 0.0
+        self._short_drops = 0
         self.guard = SizeGuard(cfg.mqtt.max_message_kb)
         self.window = SendWindow(buffer, self._builder, cfg.mqtt.inflight, cfg.mqtt.batch_max * len(cfg.devices),
                                  self.stats, self.guard, cfg.mqtt.resend_kb_per_min)
@@ -154,6 +157,7 @@ class Publisher:
             return
         self._connected = True
         self._attempts = 0
+        self._connected_at = time.monotonic()
         self.stats.connects += 1
         self._honour_connack(client, props)
         log.info("device=_site connected to %s:%d (MQTT %s%s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
@@ -233,6 +237,8 @@ class Publisher:
         while not self._stop.is_set():
             try:
                 if not self._connected:
+                    if self._lost is not None:  # dropped in loop() or in a publish()
+                        self._connection_lost()
                     self._try_connect()
                     continue
                 self.client.loop(timeout=LOOP_TIMEOUT_S)
@@ -243,8 +249,6 @@ class Publisher:
                     self._publish_meta()
                     self._fill_window()
                     self._maybe_health()
-                else:
-                    self._connection_lost()
                 self.last_progress = time.monotonic()
             except Exception:  # keep the only road to the county center open
                 log.exception("device=_site publisher loop error")
@@ -254,6 +258,12 @@ class Publisher:
     def _connection_lost(self) -> None:
         """The oldest message in flight may be what the broker dropped the connection on (limits.py)."""
         code, self._lost = self._lost, None
+        # Back off after a dropped connection too: a broker that drops every connection at once
+        # must not see a tight reconnect loop. A connection that lasted resets the backoff.
+        # Growing every third drop: learning a size limit takes a few quick ones (limits.py).
+        self._short_drops = 0 if time.monotonic() - self._connected_at > STABLE_S else self._short_drops + 1
+        cap = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(self._short_drops // 3, 10))
+        self._next_attempt = time.monotonic() + random.uniform(RECONNECT_BASE_S / 2, cap / 2)
         suspect = self.guard.connection_lost(code)
         if suspect is not None:
             log.warning("device=_site the broker dropped the connection on a %d-byte message again and again: "
