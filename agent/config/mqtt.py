@@ -76,7 +76,7 @@ def _protocol(node: LDict, chk: Checker) -> str:
 def _number(node: LDict, chk: Checker, key: str, default: float, bounds: tuple[float, float], what: str) -> float:
     value = float(chk.get(node, key, "mqtt", float, default))
     if not bounds[0] <= value <= bounds[1]:
-        chk.problem(chk.line_of(node, key), f"mqtt.{key}", f"expected {bounds[0]:g}..{bounds[1]:g} {what}")
+        chk.problem(chk.line_of(node, key), f"mqtt.{key}", f"expected {bounds[0]:.15g}..{bounds[1]:.15g} {what}")
         return default
     return value
 
