@@ -654,3 +654,27 @@ def test_sim_unknown_timezone() -> None:
                         "--timezone", "Asia/Beijing")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
+
+
+# --- mqtt: protocol and limits ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("new", "key", "fragment"), [
+    ("  protocol: 4\n", "mqtt.protocol", "expected 5 or 3.1.1"),
+    ("  protocol: mqtt5\n", "mqtt.protocol", "expected 5 or 3.1.1"),
+    ("  max_message_kb: 2\n", "mqtt.max_message_kb", "expected 4..262144"),
+    ("  max_message_kb: big\n", "mqtt.max_message_kb", "expected a number"),
+    ("  resend_kb_per_min: 0\n", "mqtt.resend_kb_per_min", "expected 1..1048576"),
+], ids=["protocol-4", "protocol-text", "message-too-small", "message-text", "resend-0"])
+def test_mqtt_protocol_and_limits_are_checked(tmp_path: Path, env: dict[str, str], new: str, key: str,
+                                              fragment: str) -> None:
+    expect(write(tmp_path, edit(BASE, "  port: 1883\n", "  port: 1883\n" + new)), env, (8, key, fragment))
+
+
+def test_mqtt_protocol_and_limits_defaults_and_values(tmp_path: Path) -> None:
+    mqtt = load_site(write(tmp_path, BASE)).mqtt
+    assert (mqtt.protocol, mqtt.max_message_kb, mqtt.resend_kb_per_min) == ("5", 64.0, 256.0)
+    text = edit(BASE, "  port: 1883\n", "  port: 1883\n  protocol: 3.1.1\n  max_message_kb: 7.5\n"
+                "  resend_kb_per_min: 32\n")
+    mqtt = load_site(write(tmp_path, text, "other.yaml")).mqtt
+    assert (mqtt.protocol, mqtt.max_message_kb, mqtt.resend_kb_per_min) == ("3.1.1", 7.5, 32.0)

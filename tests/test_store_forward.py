@@ -22,7 +22,7 @@ import pytest
 
 from agent.config import load_site
 from agent.store.buffer import Buffer
-from agent.uplink import window as window_mod
+from agent.uplink import resend as resend_mod
 from agent.uplink.publisher import Publisher
 from drivers.model import Event, Reading
 from support.broker import Broker
@@ -313,7 +313,7 @@ def test_resend_publishes_kept_rows_again(tmp_path: Path, broker: Broker, collec
         assert not ok
         ok, reply = pub.request_resend(1, 10**9)
         assert ok and reply == {"queued_first_seq": 1, "queued_last_seq": 62}, "a range may reach past what is kept"
-        monkeypatch.setattr(window_mod, "RESEND_MAX_SEQS", 20)
+        monkeypatch.setattr(resend_mod, "RESEND_MAX_SEQS", 20)
         ok, reply = pub.request_resend(5, 10**9)
         assert ok and reply == {"queued_first_seq": 5, "queued_last_seq": 24, "truncated": True,
                                 "next_first_seq": 25, "max_seqs": 20}

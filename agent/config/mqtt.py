@@ -13,6 +13,10 @@ from drivers.yamlsrc import Checker, LDict
 
 ENV_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 TLS_KEYS = ("ca_file", "cert_file", "key_file", "key_password", "key_password_file")
+PROTOCOLS = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1"}
+# A reading is 1-3 KB of JSON: below 4 KiB one might not fit. MQTT's own ceiling is 256 MiB.
+MESSAGE_KB_RANGE = (4.0, 262_144.0)
+RESEND_KB_RANGE = (1.0, 1_048_576.0)
 
 
 def mqtt_section(node: LDict, chk: Checker, site_id: str, present: bool) -> MqttConfig:
@@ -48,8 +52,33 @@ def mqtt_section(node: LDict, chk: Checker, site_id: str, present: bool) -> Mqtt
         host=host or "", port=port, topic_prefix=prefix, tls=tls,
         username=username, password=password,
         client_id=chk.get(node, "client_id", "mqtt", str, f"pvgate-{site_id}"),
-        keepalive=keepalive, batch_max=batch, inflight=inflight,
+        keepalive=keepalive, batch_max=batch, inflight=inflight, protocol=_protocol(node, chk),
+        max_message_kb=_number(node, chk, "max_message_kb", 64.0, MESSAGE_KB_RANGE,
+                               "KiB per MQTT message (the broker's limit or below; see docs/mqtt.md)"),
+        resend_kb_per_min=_number(node, chk, "resend_kb_per_min", 256.0, RESEND_KB_RANGE,
+                                  "KiB per minute for resend requests"),
     )
+
+
+def _protocol(node: LDict, chk: Checker) -> str:
+    """5 or 3.1.1; YAML reads `5` as a number and `3.1.1` as text, and both spellings are fine."""
+    if "protocol" not in node:
+        return "5"
+    value = node["protocol"]
+    text = str(value).strip().lower().removeprefix("v") if isinstance(value, (int, float, str)) else ""
+    if isinstance(value, bool) or text not in PROTOCOLS:
+        chk.problem(chk.line_of(node, "protocol"), "mqtt.protocol",
+                    f"expected 5 or 3.1.1 (MQTT version), got {value!r}")
+        return "5"
+    return PROTOCOLS[text]
+
+
+def _number(node: LDict, chk: Checker, key: str, default: float, bounds: tuple[float, float], what: str) -> float:
+    value = float(chk.get(node, key, "mqtt", float, default))
+    if not bounds[0] <= value <= bounds[1]:
+        chk.problem(chk.line_of(node, key), f"mqtt.{key}", f"expected {bounds[0]:.15g}..{bounds[1]:.15g} {what}")
+        return default
+    return value
 
 
 def _tls(node: LDict, chk: Checker) -> TlsConfig | None:

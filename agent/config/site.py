@@ -23,7 +23,8 @@ TOP_KEYS = ("site", "mqtt", "buffer", "links", "devices", "agent")
 SITE_KEYS = ("id", "name", "timezone", "capacity_kwp", "location")
 LOCATION_KEYS = ("lat", "lon")
 MQTT_KEYS = ("host", "port", "tls", "username", "password", "password_file", "topic_prefix",
-             "client_id", "keepalive", "batch_max", "inflight")
+             "client_id", "keepalive", "batch_max", "inflight", "protocol", "max_message_kb",
+             "resend_kb_per_min")
 BUFFER_KEYS = ("path", "max_mb", "keep_sent_days", "commit_interval", "min_free_mb")
 AGENT_KEYS = ("state_dir", "health_interval", "log_level", "clock_sync")
 

@@ -1,7 +1,7 @@
 """Remote commands from the county center: ``P/S/cmd/<name>`` -> ``P/S/reply/<name>``.
 
-The publisher calls :class:`CommandHandler` on its own thread for every message on
-``P/S/cmd/+``; the returned ``(name, reply)`` goes to ``P/S/reply/<name>``. A request is one
+The publisher hands every message on ``P/S/cmd/+`` to a worker thread (cmdrunner.py), which
+calls :class:`CommandHandler`; the returned ``(name, reply)`` goes to ``P/S/reply/<name>``. A request is one
 JSON object with an ``id`` (a string of at most 128 characters, or an integer), echoed in the
 reply so the center can match answers to questions.
 
@@ -13,7 +13,8 @@ an RS-485 bus still sees one transaction at a time.
 
 Work that belongs to the event loop (``read``, ``reload``) is scheduled onto it with
 ``asyncio.run_coroutine_threadsafe`` and awaited here with a timeout; this thread never
-touches a Modbus client.
+touches a Modbus client. A ``resend`` gets a second reply when it is done or abandoned
+(agent/uplink/resend.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MAX_POINTS = 200
 READ_TIMEOUT_S = 10.0
 RELOAD_TIMEOUT_S = 30.0
 COMMANDS = ("ping", "status", "reload", "read", "resend")
+MAX_INT = 2**63 - 1  # ids and seqs: what SQLite and every JSON parser at the center can hold
 
 Reply = tuple[str, dict[str, Any]]
 
@@ -76,6 +78,10 @@ class CommandError(Exception):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _too_big(value: int) -> bool:
+    return not -MAX_INT - 1 <= value <= MAX_INT
 
 
 def _short(text: str, limit: int = 64) -> str:
@@ -148,9 +154,10 @@ class CommandHandler:
         if "id" not in request:
             raise CommandError("missing id: every request needs an \"id\" (string or integer), echoed in the reply")
         req_id = request["id"]
-        if not (_is_int(req_id) or (isinstance(req_id, str) and 0 < len(req_id) <= MAX_ID_CHARS)):
+        if not ((_is_int(req_id) and not _too_big(req_id))
+                or (isinstance(req_id, str) and 0 < len(req_id) <= MAX_ID_CHARS)):
             raise CommandError(f"invalid id: expected a non-empty string of at most {MAX_ID_CHARS} characters "
-                               "or an integer")
+                               f"or an integer of at most {MAX_INT}")
         if name not in self._handlers:
             raise CommandError(f"unknown command {_short(name)!r}; known: {', '.join(COMMANDS)}", id=req_id)
         return request
@@ -206,12 +213,14 @@ class CommandHandler:
         if not _is_int(first) or not _is_int(last):
             raise CommandError("first_seq and last_seq: required, integers")
         assert isinstance(first, int) and isinstance(last, int)
+        if _too_big(first) or _too_big(last):
+            raise CommandError(f"first_seq and last_seq: at most {MAX_INT}")
         if first < 1 or last < first:
             raise CommandError("expected 1 <= first_seq <= last_seq")
         resend = getattr(self.agent.publisher, "request_resend", None)
         if resend is None or not callable(resend):
             raise CommandError("resend is not supported by this version of pvgate")
-        ok, details = resend(first, last)
+        ok, details = resend(first, last, request["id"])
         result = dict(details) if isinstance(details, Mapping) else {"details": details}
         result.setdefault("first_seq", first)
         result.setdefault("last_seq", last)

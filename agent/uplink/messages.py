@@ -16,7 +16,6 @@ from typing import Any
 from agent.store.rows import KIND_DATA, Row
 from drivers.model import Device
 
-MAX_PAYLOAD_BYTES = 128 * 1024  # fits the smallest common broker limit (AWS IoT: 128 KiB)
 LIVE, BACKLOG, RESEND = "live", "backlog", "resend"
 _BODY = itemgetter(4)  # Row.body
 GROUP_MIN_ROWS = 500  # a window this large is a backlog: batch per device
@@ -28,6 +27,7 @@ class Message:
     payload: bytes
     seqs: list[int]
     lane: str
+    job: int = 0  # the resend request it belongs to (resend lane)
 
 
 class Topics:
@@ -103,7 +103,9 @@ def _by_device(rows: Sequence[Row]) -> list[list[Row] | Row]:
 class MessageBuilder:
     """Rows -> data/event messages: per device, in seq order, bounded in readings and bytes."""
 
-    def __init__(self, topics: Topics, site: str, batch_max: int, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, topics: Topics, site: str, batch_max: int, max_bytes: int = 64 * 1024) -> None:
+        """max_bytes bounds each payload (the publisher derives it from the broker's limits);
+        a single record larger than that still gets its own message: the publisher decides."""
         self.topics = topics
         self.site_json = json.dumps(site, ensure_ascii=False)
         self.batch_max = batch_max
@@ -121,8 +123,21 @@ class MessageBuilder:
             else:
                 items.append(run)
         items.sort(key=lambda item: item[0].seq if isinstance(item, list) else item.seq)
-        return [self._data(item, lane, tail) if isinstance(item, list) else self._event(item, lane, tail)
-                for item in items]
+        out: list[Message] = []
+        for item in items:
+            if isinstance(item, list):
+                out.extend(self._fit(item, lane, tail))
+            else:
+                out.append(self._event(item, lane, tail))
+        return out
+
+    def _fit(self, rows: list[Row], lane: str, tail: str) -> list[Message]:
+        """_split estimates sizes; the built payload is what counts: halve until it fits."""
+        msg = self._data(rows, lane, tail)
+        if len(msg.payload) <= self.max_bytes or len(rows) == 1:
+            return [msg]
+        half = len(rows) // 2
+        return self._fit(rows[:half], lane, tail) + self._fit(rows[half:], lane, tail)
 
     def _split(self, rows: list[Row]) -> list[list[Row]]:
         """Evenly into as few messages as batch_max and max_bytes allow."""

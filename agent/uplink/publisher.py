@@ -8,7 +8,9 @@ re-sent behind our back — the buffer is the only queue.
 
 Which rows go out next, and their acknowledgement, is the send window's job
 (agent/uplink/window.py); this module owns the MQTT session: connect and back off, status and
-will, meta, health, commands, and a clean goodbye.
+will, meta, health, commands, and a clean goodbye. MQTT 5 by default: the CONNACK's Maximum
+Packet Size and Receive Maximum bound what is sent (limits.py), PUBACK reason codes decide what
+is sent. Commands run on their own worker (cmdrunner.py), so PUBACKs never wait for them.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from agent import __version__
 from agent.logutil import RateLimitedLog
 from agent.store.buffer import Buffer
+from agent.uplink.cmdrunner import CommandRunner
+from agent.uplink.limits import Sent, SizeGuard, packet_size
 from agent.uplink.messages import Message, MessageBuilder, Topics, dumps, meta_payload
 from agent.uplink.settings import UplinkConfig
 from agent.uplink.tls import TlsSetupError, tls_context
-from agent.uplink.window import PublishStats, SendWindow
+from agent.uplink.window import SIZE_CODES, PublishStats, SendWindow
 from drivers.errors import ConfigError, Problem
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,9 @@ log = logging.getLogger(__name__)
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0
 LOOP_TIMEOUT_S = 0.02
+STABLE_S = 30.0  # a connection that lasted this long resets the reconnect backoff
+OTHER_SLOTS = 4  # of the broker's Receive Maximum, left to status, meta, health and replies
 CommandHandler = Callable[[str, bytes], tuple[str, dict[str, Any]] | None]
-
 
 
 class Publisher:
@@ -63,8 +68,15 @@ class Publisher:
         self._connected = False
         self._attempts = 0
         self._next_attempt = 0.0
-        self.window = SendWindow(buffer, self._builder, cfg.mqtt.inflight,
-                                 cfg.mqtt.batch_max * len(cfg.devices), self.stats)
+        self._connected_at = 0.0
+        self._short_drops = 0
+        self.guard = SizeGuard(cfg.mqtt.max_message_kb)
+        self.window = SendWindow(buffer, self._builder, cfg.mqtt.inflight, cfg.mqtt.batch_max * len(cfg.devices),
+                                 self.stats, self.guard, cfg.mqtt.resend_kb_per_min)
+        self.runner = CommandRunner(commands) if commands is not None else None
+        self.receive_maximum: int | None = None
+        self._lost: int | None = None  # the reason code of a connection that just dropped
+        self._suspect: Sent | None = None
         self._meta_sent: dict[str, str] = {}
         self._next_health = 0.0
         self._next_meta = 0.0
@@ -80,15 +92,18 @@ class Publisher:
 
     def _make_client(self) -> mqtt.Client:
         m = self.cfg.mqtt
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=m.client_id,
-                             protocol=mqtt.MQTTv311, clean_session=True)
+        if m.protocol == "5":  # clean start is given at connect; session expiry defaults to 0
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=m.client_id,
+                                 protocol=mqtt.MQTTv311, clean_session=True)
         client.will_set(self.topics.status(), self._status_payload("offline"), qos=1, retain=True)
         if m.username:
             client.username_pw_set(m.username, m.password)
         if self._tls is not None:
             client.tls_set_context(self._tls)
         # Our window is m.inflight data messages; status, meta, health and replies get a few more.
-        client.max_inflight_messages_set(m.inflight + 10)
+        client.max_inflight_messages_set(self.receive_maximum or m.inflight + 10)
         client.max_queued_messages_set(0)
         client.connect_timeout = 5.0
         client.on_connect = self._on_connect
@@ -129,9 +144,10 @@ class Publisher:
 
     # -- resend (the center asks for a seq range again) --------------------------------------
 
-    def request_resend(self, first: int, last: int) -> tuple[bool, dict[str, Any]]:
-        """Queue seq first..last for publishing again (see SendWindow.request_resend); thread-safe."""
-        return self.window.request_resend(first, last)
+    def request_resend(self, first: int, last: int, req_id: str | int | None = None) -> tuple[bool, dict[str, Any]]:
+        """Queue seq first..last for publishing again (see agent/uplink/resend.py); thread-safe.
+        With req_id, a second reply on reply/resend says when it is done or abandoned."""
+        return self.window.request_resend(first, last, req_id)
 
     # -- paho callbacks (run on our own thread, inside client.loop()) ------------------------
 
@@ -141,39 +157,79 @@ class Publisher:
             return
         self._connected = True
         self._attempts = 0
+        self._connected_at = time.monotonic()
         self.stats.connects += 1
-        log.info("device=_site connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
+        self._honour_connack(client, props)
+        log.info("device=_site connected to %s:%d (MQTT %s%s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
+                 self.cfg.mqtt.protocol, f", maximum packet {self.guard.broker_max} B" if self.guard.broker_max else "")
         self._rl.reset("connect")
         self._new_session()
         client.publish(self.topics.status(), self._status_payload("online"), qos=1, retain=True)
         if self.commands is not None:
             client.subscribe(self.topics.cmd(), qos=1)
 
+    def _honour_connack(self, client: mqtt.Client, props: Any) -> None:
+        """MQTT 5: the broker's Maximum Packet Size bounds every message; its Receive Maximum
+        bounds QoS 1 messages in flight, the window taking all but a few. paho's own in-flight
+        limit can only be set before connecting: the next client gets it (_make_client)."""
+        max_packet = getattr(props, "MaximumPacketSize", None)
+        receive = getattr(props, "ReceiveMaximum", None)
+        self.guard.new_connection(max_packet if isinstance(max_packet, int) else None)
+        self.receive_maximum = receive if isinstance(receive, int) and receive > 0 else None
+        inflight = self.cfg.mqtt.inflight
+        if self.receive_maximum is not None:
+            inflight = max(1, min(inflight, self.receive_maximum - OTHER_SLOTS))
+        self.window.inflight_max = inflight
+
     def _new_session(self) -> None:
         """A new connection: the window starts over, and meta goes out again."""
-        self.window.new_session()
+        self.window.new_session(self._suspect)
+        self._suspect = None
         self._meta_sent.clear()
         self._next_meta = 0.0
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._connected:
             log.warning("device=_site disconnected from broker: %s", reason)
+            self._lost = int(getattr(reason, "value", 0x80))
         self._connected = False
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self.window.acked(mid)
+        code = int(getattr(reason, "value", 0))
+        sent = self.guard.acked(mid, code)
+        self.window.acked(mid, code)
+        if code >= 0x80 and sent is not None and sent.records == 0:  # status, meta, health, a reply
+            if code in SIZE_CODES:
+                self.guard.refused_as_too_large(sent.size)
+            self.window.announcer.refusal(Message(sent.topic, b"", [], ""), code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self.commands is None:
-            return
-        name = msg.topic.rsplit("/", 1)[-1]
-        try:
-            answer = self.commands(name, bytes(msg.payload))
-        except Exception:  # a command must never take the publisher down
-            log.exception("device=_site command %s failed", name)
-            answer = (name, {"ok": False, "error": "internal error"})
-        if answer is not None:
-            client.publish(self.topics.reply(answer[0]), dumps(answer[1]), qos=1)
+        if self.runner is not None:
+            self.runner.submit(msg.topic.rsplit("/", 1)[-1], bytes(msg.payload))
+
+    def _publish_other(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """Status, meta, health, replies: one message each, skipped (logged) if the broker cannot take it."""
+        size = packet_size(topic, len(payload))
+        if size > self.guard.packet_limit():
+            self.guard.too_large += 1
+            self._rl.warning(f"skip:{topic}", "device=_site not publishing %s: %d bytes, the limit is %d",
+                             topic, size, self.guard.packet_limit())
+            return False
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return False
+        self.guard.sent(info.mid, Sent(topic, size, (topic,), 0, ""))
+        return True
+
+    def _replies(self) -> None:
+        answers = self.runner.poll() if self.runner is not None else []
+        answers += [("resend", reply) for reply in self.window.resend.take_finished()]
+        for name, reply in answers:
+            payload = dumps(reply)
+            if not self._publish_other(self.topics.reply(name), payload):
+                error = {k: reply.get(k) for k in ("v", "id", "command", "ts")}
+                error.update(ok=False, error=f"reply too large for the broker ({len(payload)} bytes)")
+                self._publish_other(self.topics.reply(name), dumps(error))
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -181,12 +237,15 @@ class Publisher:
         while not self._stop.is_set():
             try:
                 if not self._connected:
+                    if self._lost is not None:  # dropped in loop() or in a publish()
+                        self._connection_lost()
                     self._try_connect()
                     continue
                 self.client.loop(timeout=LOOP_TIMEOUT_S)
                 self._quickack()
                 self._settle_acks()
                 if self._connected:
+                    self._replies()
                     self._publish_meta()
                     self._fill_window()
                     self._maybe_health()
@@ -195,6 +254,21 @@ class Publisher:
                 log.exception("device=_site publisher loop error")
                 time.sleep(0.5)
         self._shutdown()
+
+    def _connection_lost(self) -> None:
+        """The oldest message in flight may be what the broker dropped the connection on (limits.py)."""
+        code, self._lost = self._lost, None
+        # Back off after a dropped connection too: a broker that drops every connection at once
+        # must not see a tight reconnect loop. A connection that lasted resets the backoff.
+        # Growing every third drop: learning a size limit takes a few quick ones (limits.py).
+        self._short_drops = 0 if time.monotonic() - self._connected_at > STABLE_S else self._short_drops + 1
+        cap = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(self._short_drops // 3, 10))
+        self._next_attempt = time.monotonic() + random.uniform(RECONNECT_BASE_S / 2, cap / 2)
+        suspect = self.guard.connection_lost(code)
+        if suspect is not None:
+            log.warning("device=_site the broker dropped the connection on a %d-byte message again and again: "
+                        "messages are built to at most %d bytes from now on", suspect.size, self.guard.packet_limit())
+            self._suspect = suspect
 
     def _try_connect(self) -> None:
         now = time.monotonic()
@@ -207,7 +281,10 @@ class Publisher:
             if self._client_used:
                 self.client = self._make_client()  # a fresh session: nothing stale is re-sent
             self._client_used = True
-            self.client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive)
+            if self.cfg.mqtt.protocol == "5":
+                self.client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive, clean_start=True)
+            else:
+                self.client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive)
             deadline = time.monotonic() + 5.0
             while not self._connected and time.monotonic() < deadline and not self._stop.is_set():
                 if self.client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -242,13 +319,16 @@ class Publisher:
         self.window.fill(self._send, lambda: self._connected)
 
     def _builder(self) -> MessageBuilder:
-        return MessageBuilder(self.topics, self.site, self.cfg.mqtt.batch_max)
+        longest = max([len(self.topics.events("_site")), *(len(self.topics.data(d.id)) for d in self.cfg.devices)])
+        return MessageBuilder(self.topics, self.site, self.cfg.mqtt.batch_max, self.guard.payload_limit(longest))
 
     def _send(self, msg: Message) -> int | None:
         info = self.client.publish(msg.topic, msg.payload, qos=1)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._rl.warning("publish", "device=_site publish failed (rc=%s); will retry after reconnect", info.rc)
             return None
+        self.guard.sent(info.mid, Sent(msg.topic, packet_size(msg.topic, len(msg.payload)),
+                                       (msg.seqs[0], len(msg.seqs)), len(msg.seqs), msg.lane))
         return info.mid
 
     # -- meta, health, shutdown --------------------------------------------------------------
@@ -260,13 +340,15 @@ class Publisher:
         self._next_meta = now + 1.0  # identities arrive after a device's first poll
         identities = self.buffer.identities()
         for device in self.cfg.devices:
+            if self.receive_maximum is not None and self.guard.others_in_flight() >= OTHER_SLOTS:
+                self._next_meta = now  # the broker's Receive Maximum: the rest on the next turns
+                return
             identity = dict(identities.get(device.id, {}))
             signature = f"{device.profile.id}|{json.dumps(identity, sort_keys=True)}"
             if self._meta_sent.get(device.id) == signature:
                 continue
             payload = meta_payload(self.site, device, identity)
-            info = self.client.publish(self.topics.meta(device.id), payload, qos=1, retain=True)
-            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if self._publish_other(self.topics.meta(device.id), payload, retain=True):
                 self._meta_sent[device.id] = signature
 
     def _maybe_health(self) -> None:
@@ -276,10 +358,29 @@ class Publisher:
         if now < self._next_health:
             return
         self._next_health = now + self.cfg.health_interval_s
-        self.client.publish(self.topics.health(), dumps(self.health_source()), qos=1)
+        message = self.health_source()
+        mqtt_part = message.get("mqtt")
+        if isinstance(mqtt_part, dict):
+            mqtt_part.update(self.counters())
+        self._publish_other(self.topics.health(), dumps(message))
+
+    def counters(self) -> dict[str, Any]:
+        """Size limits, refusals, drops, commands and resend: for the health message."""
+        out: dict[str, Any] = {"protocol": self.cfg.mqtt.protocol, "receive_maximum": self.receive_maximum,
+                               "inflight_max": self.window.inflight_max}
+        out.update(self.guard.view())
+        out.update(self.window.announcer.view())
+        out.update(resend_pending=self.window.resend.pending, resend_delayed_s=round(self.window.resend.delayed_s))
+        if self.runner is not None:
+            out.update(commands_timed_out=self.runner.timed_out, commands_busy=self.runner.busy)
+        return out
 
     def _shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+        self.window.resend.abandon_all("the agent is stopping")
         if self._connected:
+            self._replies()
             info = self.client.publish(self.topics.status(), self._status_payload("offline"), qos=1, retain=True)
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and self._connected and not info.is_published():

@@ -30,6 +30,12 @@ class MqttConfig:
     keepalive: int = 60
     batch_max: int = 200  # readings per data message
     inflight: int = 50  # QoS 1 messages awaiting PUBACK (paho is happiest at 20-100)
+    protocol: str = "5"  # "5" (reason codes, Maximum Packet Size) or "3.1.1"
+    # Every PUBLISH packet (payload, topic and header) stays at or below this: ThingsBoard's MQTT
+    # transport takes 65536 bytes by default, AWS IoT 128 KiB (docs/mqtt.md, "Size limits").
+    max_message_kb: float = 64.0
+    # Resend (cmd/resend) bytes per minute: a day's resend must not eat a metered 4G plan.
+    resend_kb_per_min: float = 256.0
 
 
 @dataclass(frozen=True)
