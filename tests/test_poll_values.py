@@ -96,3 +96,37 @@ def test_invert_power_is_read_from_the_site_file_and_must_be_a_boolean(tmp_path:
     with pytest.raises(ConfigError) as err:
         load_site(site)
     assert any(p.line == 7 and "invert_power" in str(p) for p in err.value.problems), err.value.problems
+
+
+def _strict(text: str) -> object:
+    def refuse(token: str) -> object:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_infinity_from_a_real_float_register_never_reaches_the_center(tmp_path: Path, broker, collector_factory,
+                                                                      procs) -> None:
+    """pvgate-sim serves +Infinity in the DTSU666's float register for the A-B line voltage (set at
+    run time through its control port); the center, parsing strictly, gets every message."""
+    import socket
+
+    from support.chain import SimDev, readings, start_agent, start_sim, write_site
+    from support.ports import free_port
+
+    port, ctl = free_port(), free_port()
+    meter = SimDev("meter", 11, "chint-dtsu666")
+    _, clock = start_sim(procs, port, [meter], speed=60, control_port=ctl)
+    site = write_site(tmp_path / "site.yaml", site_id="inf", broker_port=broker.port, modbus_port=port,
+                      devices=[meter], interval="500ms")
+    col = collector_factory(["pvgate/inf/data/#"])
+    start_agent(procs, site, sim_clock=clock)
+    with socket.create_connection(("127.0.0.1", ctl), timeout=5) as s:
+        s.sendall(b'{"unit": 11, "set": {"line_ab_voltage": Infinity}}\n')
+        assert json.loads(s.makefile().readline())["ok"]
+    col.wait_for(lambda ms: any("invalid:line_ab_voltage" in r["q"] for r in readings(ms)), timeout=20,
+                 desc="a reading with the infinite point flagged")
+    for m in col.messages():
+        _strict(m.payload.decode())  # raises on Infinity or NaN
+    flagged = [r for r in readings(col.messages()) if "invalid:line_ab_voltage" in r["q"]]
+    assert all("line_ab_voltage" not in r["values"] and "line_bc_voltage" in r["values"] for r in flagged)
