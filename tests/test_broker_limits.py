@@ -57,21 +57,23 @@ def _covered(msgs: list[Msg]) -> set[int]:
     return got
 
 
-def _run(cfg_path: Path, rows: list[Reading], col: Collector, until: Callable[[list[Msg]], bool],
-         timeout: float = 40.0) -> tuple[Publisher, Buffer, float]:
+def _run(cfg_path: Path, rows: list[Reading], col: Collector,
+         until: Callable[[list[Msg], list[int]], bool],
+         timeout: float = 40.0) -> tuple[Publisher, Buffer, float, list[int]]:
+    """Rows appended to a new buffer (their seqs follow its buffer_reset), then published."""
     cfg = load_site(cfg_path)
     buf = Buffer(cfg.buffer.path, cfg.buffer.max_mb, cfg.buffer.keep_sent_days, 0)
-    buf.append(rows)
+    seqs = buf.append(rows)
     pub = Publisher(cfg.uplink(), buf)
     t0 = time.monotonic()
     pub.start()
     try:
-        col.wait_for(until, timeout=timeout, desc="all seqs delivered or announced")
+        col.wait_for(lambda ms: until(ms, seqs), timeout=timeout, desc="all seqs delivered or announced")
     except BaseException:
         pub.stop(grace_s=0.5)
         buf.close()
         raise
-    return pub, buf, time.monotonic() - t0
+    return pub, buf, time.monotonic() - t0, seqs
 
 
 def test_acl_refusal_0x87_keeps_rows_unsent_and_is_announced(tmp_path: Path, broker_factory: BrokerFactory,
@@ -83,16 +85,16 @@ def test_acl_refusal_0x87_keeps_rows_unsent_and_is_announced(tmp_path: Path, bro
     broker = broker_factory(extra_conf=f"acl_file {acl}\n")
     col = collector_factory([f"pvgate/{SITE}/#"], broker=broker)
     rows = [_reading(i, "inv01" if i % 2 else "inv02", 50) for i in range(20)]
-    pub, buf, _ = _run(_site(tmp_path, broker, 2), rows, col,
-                       lambda ms: bool(_events(ms, "publish_refused")) and len(seqs_of(
-                           [m for m in ms if "/data/inv02" in m.topic])) == 10)
+    pub, buf, _, seqs = _run(_site(tmp_path, broker, 2), rows, col,
+                             lambda ms, _s: bool(_events(ms, "publish_refused")) and len(seqs_of(
+                                 [m for m in ms if "/data/inv02" in m.topic])) == 10)
     try:
         refused = _events(col.messages(), "publish_refused")[0]
         assert refused["topic"] == f"pvgate/{SITE}/data/inv01" and refused["reason_code"] == 0x87
         assert "not authorized" in refused["reason"]
         time.sleep(0.5)
         unsent = {r.seq for r in buf.unsent(0, limit=100)}
-        assert unsent == {i + 1 for i in range(20) if i % 2}, "refused rows stay unsent, the others are sent"
+        assert unsent == {seqs[i] for i in range(20) if i % 2}, "refused rows stay unsent, the others are sent"
         assert pub.counters()["refused"] == {"0x87": pub.window.announcer.refused[0x87]} and pub.connected
         assert pub.stats.connects == 1, "a refusal is not a reason to reconnect"
     finally:
@@ -115,12 +117,13 @@ def test_oversized_batches_are_split_and_an_unpassable_reading_is_dropped_announ
     rows = [_reading(i) for i in range(300)]
     rows[150] = _reading(150, pad=20_000)
     site = _site(tmp_path, broker, mqtt=f"protocol: {protocol}")
-    pub, buf, took = _run(site, rows, col, lambda ms: _covered(ms) >= set(range(1, 301)), timeout=50)
+    pub, buf, took, seqs = _run(site, rows, col, lambda ms, s: _covered(ms) >= set(s), timeout=50)
     try:
+        big = seqs[150]
         drops = _events(col.messages(), "dropped")
-        assert [(d["first_seq"], d["last_seq"], d["count"]) for d in drops] == [(151, 151, 1)], drops
+        assert [(d["first_seq"], d["last_seq"], d["count"]) for d in drops] == [(big, big, 1)], drops
         assert "too large" in drops[0]["reason"]
-        assert 151 not in seqs_of(col.messages(f"pvgate/{SITE}/data/#")), "never published in part"
+        assert big not in seqs_of(col.messages(f"pvgate/{SITE}/data/#")), "never published in part"
         assert pub.stats.connects <= max_connects, f"{pub.stats.connects} connects: a reconnect loop"
         assert pub.guard.packet_limit() <= 8192
         time.sleep(1.0)
@@ -140,7 +143,7 @@ def test_max_message_kb_bounds_every_message_over_3_1_1(tmp_path: Path, broker_f
     col = collector_factory([f"pvgate/{SITE}/#"], broker=broker)
     rows = [_reading(i) for i in range(300)]
     site = _site(tmp_path, broker, mqtt="protocol: 3.1.1\nmax_message_kb: 7")
-    pub, buf, _ = _run(site, rows, col, lambda ms: _covered(ms) >= set(range(1, 301)))
+    pub, buf, _, _ = _run(site, rows, col, lambda ms, s: _covered(ms) >= set(s))
     try:
         sizes = [len(m.payload) for m in col.messages(f"pvgate/{SITE}/data/#")]
         assert max(sizes) <= 7 * 1024 and pub.stats.connects == 1
