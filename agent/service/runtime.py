@@ -146,7 +146,8 @@ class Agent:
         device_time = identity.get("device_time")
         if isinstance(device_time, (int, float)) and not isinstance(device_time, bool) and device_time > 0:
             self.timekeeper.witness(device_id, float(device_time))
-        self.buffer.put_identity(device_id, identity)
+        # A synchronous commit: off the event loop, where it would stall RTU timing.
+        asyncio.get_running_loop().run_in_executor(None, self.buffer.put_identity, device_id, identity)
 
     def _check_learned(self, device_id: str, identity: dict[str, Any]) -> None:
         """Registers learned on another model or firmware are learned again."""

@@ -164,7 +164,9 @@ class Timekeeper:
             if step is not None:
                 self._pending.append(step)
             elif was_trusted and not self.watch.trusted and not self._pending:
-                self._stretches.append(_Stretch(self.buffer.last_seq(), self.watch.offset_s))
+                offset = self.watch.offset_s
+                last = await loop.run_in_executor(None, self.buffer.last_seq)  # the buffer's lock: off the loop
+                self._stretches.append(_Stretch(last, offset))
             while self._pending:
                 await loop.run_in_executor(None, self._stepped, self._pending.pop(0))
                 on_step()
