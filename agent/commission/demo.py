@@ -50,7 +50,8 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise PvgateError(f"{what} did not open port {port} within {timeout:g}s")
 
 
-def _start_broker(work: Path, port: int, kind: str = "auto") -> subprocess.Popen[bytes]:
+def _start_broker(work: Path, port: int, kind: str = "auto") -> tuple[subprocess.Popen[bytes], str]:
+    """The broker, and the MQTT protocol to speak to it (amqtt knows 3.1.1 only)."""
     mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
     if kind == "embedded":
         mosquitto = None
@@ -77,10 +78,10 @@ def _start_broker(work: Path, port: int, kind: str = "auto") -> subprocess.Popen
                                 stdout=log, stderr=log)
         print(f"broker   embedded amqtt on 127.0.0.1:{port}")
     _wait_port(port, proc, "the broker")
-    return proc
+    return proc, "5" if mosquitto else "3.1.1"
 
 
-def _site_file(work: Path, broker_port: int, modbus_port: int) -> Path:
+def _site_file(work: Path, broker_port: int, modbus_port: int, protocol: str = "5") -> Path:
     devices = "\n".join(f"  - {{id: {d}, link: lan, unit: {u}, profile: {p}, interval: 5s}}" for d, u, p, _ in DEVICES)
     path = work / "site.yaml"
     path.write_text(f"""# Written by `pvgate demo`: the same file a technician writes for a real station.
@@ -92,6 +93,7 @@ site:
 mqtt:
   host: 127.0.0.1
   port: {broker_port}
+  protocol: {protocol}
 buffer:
   path: {work / 'buffer.sqlite'}
 agent:
@@ -176,7 +178,8 @@ def run_demo(seconds: float = 0.0, speed: float = 60.0, workdir: str | None = No
     agent: subprocess.Popen[bytes] | None = None
     print(f"pvgate demo — working directory {work}\n")
     try:
-        procs.append(_start_broker(work, broker_port, broker))
+        broker_proc, protocol = _start_broker(work, broker_port, broker)
+        procs.append(broker_proc)
         sim_cmd = [sys.executable, "-m", "simulator.cli", "--listen", f"tcp://127.0.0.1:{modbus_port}",
                    "--speed", f"{speed:g}", "--start", "09:30",
                    # The simulator's day runs 60x faster than the agent's, which judges night by the
@@ -188,7 +191,7 @@ def run_demo(seconds: float = 0.0, speed: float = 60.0, workdir: str | None = No
         procs.append(sim)
         _wait_port(modbus_port, sim, "the simulator")
         print(f"sim      3 inverters + 1 meter on modbus tcp://127.0.0.1:{modbus_port}, clock {speed:g}x from 09:30")
-        site = _site_file(work, broker_port, modbus_port)
+        site = _site_file(work, broker_port, modbus_port, protocol)
         view = LiveView(broker_port)
         agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "-c", str(site)],
                                  stdout=open(work / "agent.log", "wb"), stderr=subprocess.STDOUT)
