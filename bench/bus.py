@@ -265,13 +265,11 @@ def main() -> int:
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="pvgate-bench-"))
     if args.sparse:
-        from sparse import run_sparse  # noqa: PLC0415 - bench/sparse.py imports this module
+        from sparse import SparseBench  # noqa: PLC0415 - bench/sparse.py imports this module
 
-        try:
-            return run_sparse(args, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    bench = Bench(args, tmp)
+        bench: Bench = SparseBench(args, tmp)
+    else:
+        bench = Bench(args, tmp)
     try:
         _, agent_end = bench.start()
         asyncio.run(bench.run(agent_end))

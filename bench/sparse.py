@@ -18,7 +18,6 @@ Nameplates are not read (they are read once per run and would blur the first cyc
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -117,16 +116,6 @@ class SparseBench(Bench):
         ok = r_steady <= 1.10 and r_cold <= 1.5 and r_restart <= 1.10
         print(f"result: {'PASS' if ok else 'MISS'}")
         return 0 if ok else 1
-
-
-def run_sparse(args: argparse.Namespace, tmp: Path) -> int:
-    bench = SparseBench(args, tmp)
-    try:
-        _, agent_end = bench.start()
-        asyncio.run(bench.run(agent_end))
-        return bench.report()
-    finally:
-        bench.stop()
 
 
 if __name__ == "__main__":
