@@ -87,16 +87,3 @@ def sunspec_meter_exports_positive(manufacturer: str) -> bool:
     """Whether a SunSpec meter of this manufacturer (common model `Mn`) reports W + = export."""
     name = manufacturer.strip().lower()
     return any(name.startswith(v) for v in EXPORT_POSITIVE_SUNSPEC_VENDORS)
-
-
-def apply_sunspec_vendor_sign(values: Mapping[str, Value], manufacturer: str) -> dict[str, Value]:
-    """A SunSpec meter's values with the vendor's own W sign undone: only the active powers
-    flip; the import/export counters already mean what they say (unlike a reversed meter)."""
-    out = dict(values)
-    if not sunspec_meter_exports_positive(manufacturer):
-        return out
-    for key in ("ac_power", "phase_a_power", "phase_b_power", "phase_c_power"):
-        value = out.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
-            out[key] = -value
-    return out

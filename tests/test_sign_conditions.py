@@ -96,12 +96,13 @@ def test_valid_when_mistakes_are_reported_with_their_line(tmp_path: Path, text: 
 
 
 def test_sunspec_vendor_sign_flips_power_but_not_counters() -> None:
-    from drivers.sign import apply_sunspec_vendor_sign, sunspec_meter_exports_positive
+    from agent.poller.vendor import vendor_values
+    from drivers.sign import sunspec_meter_exports_positive
 
     assert sunspec_meter_exports_positive("SolarEdge ") and not sunspec_meter_exports_positive("Fronius")
     # pvgate's SunSpec meter points negate W: a SolarEdge meter exporting 5 kW (W = +5000) decodes
     # as -5.0; the vendor correction makes it +5.0 and leaves the counters alone.
     read = {"ac_power": -5.0, "phase_a_power": -1.7, "energy_import": 10.0, "energy_export": 20.0}
-    assert apply_sunspec_vendor_sign(read, "SolarEdge") == {
+    assert vendor_values(read, "SolarEdge", "") == {
         "ac_power": 5.0, "phase_a_power": 1.7, "energy_import": 10.0, "energy_export": 20.0}
-    assert apply_sunspec_vendor_sign(read, "Fronius") == read
+    assert vendor_values(read, "Fronius", "") == read

@@ -60,6 +60,8 @@ class DeviceState:
     alarm_bits: dict[str, int] = field(default_factory=dict)
     identity_read: bool = False
     discovered: bool = False  # SunSpec: the model chain was walked and the points placed
+    vendor: str | None = None  # SunSpec: the common model's manufacturer (a meter's W sign)
+    meter_prefix: str | None = None  # SunSpec: where its meter model's values are (vendor.meter_prefix)
 
     def __post_init__(self) -> None:
         if not self.learned.fingerprint:

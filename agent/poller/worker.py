@@ -50,6 +50,7 @@ from agent.poller.state import (
     wall_stamp,
 )
 from agent.poller.teach import LearnedSink, learn_from_refusal
+from agent.poller.vendor import meter_prefix, read_manufacturer, vendor_values
 from drivers.decode import active_bits, decode_points
 from drivers.errors import DeviceError, LinkError
 from drivers.link import EXC_BUSY, EXC_ILLEGAL_ADDRESS, LinkClient
@@ -226,12 +227,19 @@ class LinkWorker:
         if not state.blocks:
             self._failed(job, "every point refused with illegal address")
             return True
-        registers = {i: job.registers[b] for i, b in enumerate(state.blocks)}
-        values, quality = published_values(device, state.blocks, registers)
-        quality += [*(f"unsupported:{k}" for k in sorted(state.unsupported)), *job.flags]
-        job.reading = Reading(device.id, job.ts_ms, values, quality)
+        job.reading = self._reading(state, job)
         await self._succeeded(state, job.reading)
         return True
+
+    @staticmethod
+    def _reading(state: DeviceState, job: Job) -> Reading:
+        """The poll's registers decoded into what the center receives."""
+        device = state.device
+        registers = {i: job.registers[b] for i, b in enumerate(state.blocks)}
+        values, quality = published_values(device, state.blocks, registers)
+        values = vendor_values(values, state.vendor, state.meter_prefix)  # SunSpec meters only
+        quality += [*(f"unsupported:{k}" for k in sorted(state.unsupported)), *job.flags]
+        return Reading(device.id, job.ts_ms, values, quality)
 
     async def _discover(self, job: Job, timeout: float) -> bool:
         """A SunSpec device's points come from its model chain, walked on first contact."""
@@ -252,6 +260,10 @@ class LinkWorker:
         dmap = device_map(found, name=device.profile.name, map_id=device.profile.id)
         state.device = replace(device, profile=dmap)
         state.discovered = True
+        state.meter_prefix = meter_prefix(found.ids)
+        if state.meter_prefix is not None:
+            state.vendor = await read_manufacturer(lambda tb, a, n: self.client.read(tb, a, n, device.unit, timeout),
+                                                   dmap)
         state.replan()
         log.info("device=%s SunSpec at %d: models %s, %d points", device.id, found.base,
                  ", ".join(str(i) for i in found.ids), len(dmap.points))
