@@ -18,6 +18,7 @@ import pytest
 from support.broker import Broker, require_mosquitto
 from support.collector import Collector
 from support.procs import Proc, ProcRegistry
+from support.schemas import validate_all
 from support.uplink import Uplink
 
 BrokerFactory = Callable[..., Broker]
@@ -78,6 +79,9 @@ def collector_factory(request: pytest.FixtureRequest,
     yield make
     for c in made:
         c.stop()
+    if request.node.get_closest_marker("contract"):  # every message received follows docs/schemas/
+        for c in made:
+            validate_all(c.messages())
 
 
 @pytest.fixture
