@@ -14,7 +14,8 @@ if it dies, the lock goes with its connection and another worker takes over). Ea
 Replies (handled by whichever worker receives them): ``ok: false`` with "no records kept" — the
 station no longer keeps the range — records the gap as lost with the station's error as reason
 (other refusals, busy or abandoned, leave it open to be asked again); ``done: true`` notes the
-time, and what is still missing a few seconds later is lost ("not kept by the station").
+time; what is still missing a few seconds later is asked for once more, exactly (the station then
+answers that it keeps none of it), or, if it was asked exactly, recorded as lost.
 """
 
 from __future__ import annotations
@@ -121,6 +122,12 @@ class GapKeeper:
 
     def _expired(self, conn: Conn, site: str, epoch: str) -> None:
         s = self.settings
+        # Done, and still missing: a request that covered more than what is left asks once more for
+        # exactly the rest, so that the station says in its own words what it no longer keeps.
+        conn.execute("""UPDATE gap SET state = 'open', done_at = NULL WHERE site = %s AND epoch = %s
+                AND state = 'requested' AND done_at < now() - make_interval(secs => %s)
+                AND request_id NOT LIKE 'gap/' || epoch || '/' || first_seq || '/' || last_seq || '/%%'""",
+                     (site, epoch, DONE_GRACE_S))
         conn.execute("""UPDATE gap SET state = 'lost', reason = coalesce(reason, 'resend done') ||
                 '; not kept by the station' WHERE site = %s AND epoch = %s AND state = 'requested'
                 AND done_at < now() - make_interval(secs => %s)""", (site, epoch, DONE_GRACE_S))
