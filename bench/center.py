@@ -12,7 +12,10 @@ stream bookkeeping, one transaction per batch. Phases:
 
 1. one worker, fresh readings;
 2. two workers at once, each with its own stations (a shared subscription splits them so);
-3. one worker storing the same messages again (every reading a duplicate: a replay or resend).
+3. one worker storing the same messages again (every reading a duplicate: a replay or resend);
+4. (--mqtt) the whole path: two ``pvgate-center run`` processes on one shared subscription of a
+   mosquitto started here, a bare paho client publishing the messages (QoS 1) as fast as the
+   broker takes them, timed until PostgreSQL holds every reading.
 
 Target: >= 15,000 readings/s per worker.
 """
@@ -32,11 +35,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import paho.mqtt.client as mqtt  # noqa: E402
 import psycopg  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from center import store  # noqa: E402
 from center.schema import migrate  # noqa: E402
+from support.broker import Broker  # noqa: E402
 from support.postgres import Postgres, find_bin  # noqa: E402
+from support.procs import ProcRegistry, find_tool  # noqa: E402
 
 PER_MESSAGE = 20
 KEYS = [f"p{i:02d}" for i in range(30)] + ["ac_power", "energy_total", "status", "grid_frequency"]
@@ -96,11 +103,62 @@ def report(title: str, out: list[tuple[str, int, float]], offered: int) -> None:
           f"({per})", flush=True)
 
 
+def through_mqtt(pg: Postgres, workdir: Path, msgs: list[tuple[str, bytes]], workers: int) -> None:
+    binary = find_tool("mosquitto", "/usr/sbin/mosquitto")
+    if binary is None:
+        print("mosquitto not found: --mqtt skipped", flush=True)
+        return
+    broker = Broker(workdir / "broker", binary=binary, extra_conf="max_queued_messages 0\n")
+    broker.start()
+    procs = ProcRegistry(workdir / "procs")
+    try:
+        for i in range(workers):
+            cfg = workdir / f"w{i}.yaml"
+            cfg.write_text(f"mqtt: {{host: 127.0.0.1, port: {broker.port}, client_id: bench-w{i}}}\n"
+                           f"postgres: {{dsn: '{pg.dsn()}'}}\n", encoding="utf-8")
+            proc = procs.start([sys.executable, "-m", "center.cli", "run", "-c", str(cfg), "--log-level", "WARNING"],
+                               f"w{i}")
+            time.sleep(2.0)
+            assert proc.running, proc.tail()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=mqtt.MQTTv5)
+        client.max_inflight_messages_set(100)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            before = _count(conn)
+            t0 = time.perf_counter()
+            infos = [client.publish(topic, payload, qos=1) for topic, payload in msgs]
+            for info in infos:
+                info.wait_for_publish(60)
+            published = time.perf_counter() - t0
+            want = before + len(msgs) * PER_MESSAGE
+            while _count(conn) < want and time.perf_counter() - t0 < 600:
+                time.sleep(0.1)
+            took = time.perf_counter() - t0
+            shares = conn.execute("SELECT worker, count(*) FROM reading WHERE worker LIKE 'bench-w%%' "
+                                  "GROUP BY worker ORDER BY 1").fetchall()
+        client.disconnect()
+        client.loop_stop()
+        n = len(msgs) * PER_MESSAGE
+        print(f"MQTT, {workers} pvgate-center workers: {n:,} readings published in {published:.1f} s, "
+              f"all in PostgreSQL after {took:.1f} s = {n / took:,.0f} readings/s "
+              f"({', '.join(f'{w} {c:,}' for w, c in shares)})", flush=True)
+    finally:
+        procs.cleanup()
+        broker.stop()
+
+
+def _count(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) FROM reading").fetchone()
+    return int(row[0]) if row else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--readings", type=int, default=200_000, help="per worker")
     parser.add_argument("--batch", type=int, default=5000, help="readings per transaction")
     parser.add_argument("--stations", type=int, default=100, help="per worker")
+    parser.add_argument("--mqtt", action="store_true", help="also the whole path through mosquitto (phase 4)")
     args = parser.parse_args()
     bindir = find_bin()
     if bindir is None:
@@ -123,6 +181,8 @@ def main() -> int:
         report("1 worker", phase(dsn, {"w1": a}, args.batch), args.readings)
         report("2 workers", phase(dsn, {"w1": b, "w2": c}, args.batch), 2 * args.readings)
         report("1 worker, all duplicates", phase(dsn, {"w1": a}, args.batch), args.readings)
+        if args.mqtt:
+            through_mqtt(pg, pg.root, messages([f"m{i:03d}" for i in range(args.stations)], args.readings), 2)
     finally:
         pg.stop()
     return 0

@@ -164,6 +164,19 @@ class Worker:
         return out
 
     def _store(self, conn: psycopg.Connection[tuple[Any, ...]], msgs: list[mqtt.MQTTMessage]) -> None:
+        """One transaction; a batch the database refuses (a value it cannot take) is stored one
+        message at a time, and the message it refuses is skipped, logged and counted."""
+        try:
+            self._store_batch(conn, msgs)
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as err:
+            if len(msgs) == 1:
+                self.bad += 1
+                log.warning("skipped a message on %s that PostgreSQL refused: %s", msgs[0].topic, err)
+                return
+            for msg in msgs:
+                self._store(conn, [msg])
+
+    def _store_batch(self, conn: psycopg.Connection[tuple[Any, ...]], msgs: list[mqtt.MQTTMessage]) -> None:
         batch = store.Batch()
         for msg in msgs:
             try:

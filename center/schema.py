@@ -18,7 +18,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "records, gaps, stations", """
 CREATE TABLE reading (
     site text NOT NULL, epoch text NOT NULL, seq bigint NOT NULL,
-    device text NOT NULL, ts bigint NOT NULL, vals jsonb NOT NULL, q text[] NOT NULL DEFAULT '{}',
+    device text NOT NULL, ts bigint NOT NULL, vals jsonb NOT NULL, q jsonb NOT NULL DEFAULT '[]',
     replay boolean NOT NULL DEFAULT false, worker text NOT NULL, received_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (site, epoch, seq)
 );

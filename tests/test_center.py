@@ -78,8 +78,10 @@ def test_duplicates_are_ignored_by_the_key(db: Any) -> None:
                                                                                 reason="new", epoch=EPOCH, first_seq=1)))
     assert db.execute("SELECT state FROM station WHERE site='s1'").fetchone() == ("online",)
     assert db.execute("SELECT first_seq, max_seq FROM stream WHERE site='s1'").fetchone() == (1, 6)
-    with pytest.raises(store.BadMessage):
-        store.Batch().add("pvgate/s1/data/inv01", b'{"v":1,"readings":[{"seq":1}]}', "pvgate")
+    for bad in (b'{"v":1,"readings":[{"seq":1}]}', _data("s1", [7]).replace(b"1.5", b"NaN"),
+                _data("s1", [7]).replace(b'"seq": 7', b'"seq": 0'), b"[1]", b"\xff"):
+        with pytest.raises(store.BadMessage):
+            store.Batch().add("pvgate/s1/data/inv01", bad, "pvgate")
 
 
 def test_gaps_are_found_announced_asked_for_and_lost_with_the_stations_reason(db: Any) -> None:
