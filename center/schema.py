@@ -85,6 +85,19 @@ CREATE VIEW ranking_daily AS
            rank() OVER (PARTITION BY day ORDER BY (body->'station'->>'specific_yield')::numeric DESC NULLS LAST) AS rank
     FROM report_latest;
 """),
+    (3, "per-stream summary", """
+CREATE VIEW stream_status AS
+    SELECT s.site, s.epoch, s.first_seq, s.max_seq, s.checked_seq,
+           (SELECT count(*) FROM reading r WHERE r.site = s.site AND r.epoch = s.epoch)
+         + (SELECT count(*) FROM event e WHERE e.site = s.site AND e.epoch = s.epoch)
+         + (SELECT count(*) FROM report_daily d WHERE d.site = s.site AND d.epoch = s.epoch) AS seqs_seen,
+           coalesce(sum(g.last_seq - g.first_seq + 1) FILTER (WHERE g.state IN ('open', 'requested')), 0)::bigint AS seqs_open,
+           coalesce(sum(g.last_seq - g.first_seq + 1) FILTER (WHERE g.state = 'dropped'), 0)::bigint AS seqs_dropped,
+           coalesce(sum(g.last_seq - g.first_seq + 1) FILTER (WHERE g.state = 'lost'), 0)::bigint AS seqs_lost,
+           count(g.*) AS gaps
+    FROM stream s LEFT JOIN gap g ON g.site = s.site AND g.epoch = s.epoch
+    GROUP BY s.site, s.epoch, s.first_seq, s.max_seq, s.checked_seq;
+"""),
 ]
 
 

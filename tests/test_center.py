@@ -110,6 +110,8 @@ def test_gaps_are_found_announced_asked_for_and_lost_with_the_stations_reason(db
     assert db.execute("SELECT first_seq, last_seq, how, requests FROM gap_closed WHERE site='s2'").fetchall() == [
         (11, 11, "resent", 1)], "what is left of a gap keeps its history"
     assert db.execute("SELECT count(*) FROM gap WHERE site='s2' AND state IN ('open','requested')").fetchone() == (0,)
+    assert db.execute("SELECT seqs_seen, seqs_open, seqs_dropped, seqs_lost, gaps FROM stream_status "
+                      "WHERE site='s2'").fetchone() == (11, 0, 1, 2, 2)
 
 
 def test_settlement_views_take_the_latest_revision(db: Any) -> None:
