@@ -2,7 +2,7 @@
 and pvgate run each) and two pvgate-center workers on one shared subscription. Through a broker
 outage, kill -9 of a worker and of an agent, and a gap forced into one station's buffer (rows
 deleted before they were sent, unannounced), the database ends with every record of every
-station exactly once; the forced gap is recorded as lost with the station's reason; both workers
+station exactly once, and their status, meta and health; the forced gap is recorded as lost with the station's reason; both workers
 stored a share."""
 
 from __future__ import annotations
@@ -124,6 +124,11 @@ def test_every_record_once_through_outage_kills_and_a_forced_gap(
         for site in SITES:
             assert agents[site].terminate(timeout=15) == 0
         _wait("the records of the clean stops", complete, 20)
+        _wait("every station offline", lambda: conn.execute(
+            "SELECT count(*) FROM station WHERE state = 'offline'").fetchone() == (len(SITES),), 20)
+        meta = conn.execute("SELECT site, meta->>'profile' FROM device ORDER BY site").fetchall()
+        assert meta == [(s, "huawei-sun2000") for s in sorted(SITES)]
+        assert conn.execute("SELECT count(*) FROM health").fetchone() == (len(SITES),)
         _check(conn, tmp_path, forced)
     finally:
         conn.close()
