@@ -15,6 +15,7 @@ import pytest
 from center import gaps, store
 from center.config import GapSettings
 from center.schema import migrate
+from support.ports import free_port
 from support.postgres import Postgres
 
 EPOCH = "00112233445566aa"
@@ -64,6 +65,9 @@ def test_check_reports_file_and_line_and_exits_78(tmp_path: Path) -> None:
     path.write_text("mqtt: {host: h}\npostgres: {dsn: 'postgresql:///x'}\ngaps: {resend_after: 2s}\n")
     out = subprocess.run([PY, "-m", "center.cli", "check", "-c", str(path)], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout
+    path.write_text(f"mqtt: {{host: h}}\npostgres: {{dsn: 'postgresql://x@127.0.0.1:{free_port()}/none'}}\n")
+    out = subprocess.run([PY, "-m", "center.cli", "migrate", "-c", str(path)], capture_output=True, text=True)
+    assert out.returncode == 69 and "cannot reach PostgreSQL" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_duplicates_are_ignored_by_the_key(db: Any) -> None:
