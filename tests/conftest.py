@@ -17,7 +17,9 @@ import pytest
 
 from support.broker import Broker, require_mosquitto
 from support.collector import Collector
-from support.procs import Proc, ProcRegistry
+from support.postgres import Postgres, find_bin
+from support.procs import Proc, ProcRegistry, require_tool
+from support.schemas import validate_all
 from support.uplink import Uplink
 
 BrokerFactory = Callable[..., Broker]
@@ -78,6 +80,9 @@ def collector_factory(request: pytest.FixtureRequest,
     yield make
     for c in made:
         c.stop()
+    if request.node.get_closest_marker("contract"):  # every message received follows docs/schemas/
+        for c in made:
+            validate_all(c.messages())
 
 
 @pytest.fixture
@@ -119,3 +124,17 @@ def uplink(broker: Broker) -> Iterator[Uplink]:
     """An unlimited uplink from the station to the `broker` fixture."""
     with Uplink(broker.port) as u:
         yield u
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL cluster (own directory, free port), stopped and removed at teardown."""
+    bindir = find_bin()
+    if bindir is None:
+        require_tool("initdb", "/usr/lib/postgresql/15/bin/initdb")  # skips locally, fails in CI
+        raise AssertionError("unreachable")
+    pg = Postgres(bindir)
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()

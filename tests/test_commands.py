@@ -16,9 +16,10 @@ from agent.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
 from agent.uplink.publisher import Publisher
 from support.broker import Broker, require_mosquitto
 from support.chain import SimDev, readings, seqs_of, start_agent, start_sim, write_site
-from support.collector import Collector, publish
+from support.collector import Collector, Msg, publish
 from support.ports import free_port
 from support.procs import Proc, ProcRegistry
+from support.schemas import validate, validate_all
 
 SITE = "cmd"
 INV = SimDev("inv01", 1, "huawei-sun2000")
@@ -41,7 +42,11 @@ class Station:
         msgs = self.col.wait_for(lambda ms: len(ms) > before, timeout, topic_filter=reply_topic,
                                  desc=f"reply to {name}")
         assert not msgs[before].retain
+        validate(msgs[before])
         reply: dict[str, Any] = msgs[before].json()
+        if reply["ok"]:  # a request the agent took follows its schema (bad ones are sent on purpose)
+            validate(Msg(f"pvgate/{SITE}/cmd/{name}", body if isinstance(body, bytes) else body.encode(),
+                         False, 1, 0.0))
         return reply
 
 
@@ -63,6 +68,7 @@ def station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Station]:
         agent = start_agent(registry.start, site)
         col.wait_for(lambda ms: len(readings(ms)) >= 2, timeout=20, topic_filter=f"pvgate/{SITE}/data/#")
         yield Station(broker, col, agent, site)
+        validate_all(col.messages())  # every message of the module follows docs/schemas/
     finally:
         col.stop()
         registry.cleanup()

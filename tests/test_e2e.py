@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.clock.trust import probe_sync
 from support.chain import (
     SimDev,
@@ -18,6 +20,8 @@ from support.chain import (
 )
 from support.collector import MosquittoSub
 from support.ports import free_port
+
+pytestmark = pytest.mark.contract  # every message received is checked against docs/schemas/
 
 DEVICES = [SimDev("inv01", 1, "huawei-sun2000", 60.0), SimDev("meter", 11, "chint-dtsu666", 60.0)]
 

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from support.chain import (
     SimDev,
     assert_every_seq_once_in_content,
@@ -19,6 +21,8 @@ from support.chain import (
 )
 from support.ports import free_port
 from support.uplink import Uplink
+
+pytestmark = pytest.mark.contract  # every message received is checked against docs/schemas/
 
 DEVICES = [SimDev("inv01", 1, "huawei-sun2000"), SimDev("meter", 11, "chint-dtsu666")]
 

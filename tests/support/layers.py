@@ -6,7 +6,8 @@ Imports point one way, from the top down:
 
 A module may import its own package and any package ranked below it; packages of the same rank
 (commission and service, uplink and poller, store and clock) do not import each other. drivers/
-never imports agent/ or simulator/; simulator/ never imports agent/. No two modules import each
+never imports agent/ or simulator/; simulator/ never imports agent/; center/ and the rest import
+nothing of each other. No two modules import each
 other, directly or round a circle. Every import counts, also one inside a function or under
 `if TYPE_CHECKING:`: a circle hidden from the interpreter is still a circle for the reader.
 """
@@ -37,10 +38,13 @@ def layer(module: str) -> str | None:
     return best
 
 
+TOPS = ("agent", "drivers", "simulator", "center")
+
+
 def modules(root: Path) -> dict[str, Path]:
     """Dotted module name -> file, for agent/, drivers/ and simulator/ under root."""
     found: dict[str, Path] = {}
-    for top in ("agent", "drivers", "simulator"):
+    for top in TOPS:
         for path in sorted((root / top).rglob("*.py")):
             parts = list(path.relative_to(root).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -69,7 +73,7 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> Iterator[tuple[str
 
 
 def _ours(module: str, line: int, known: dict[str, Path]) -> Iterator[tuple[str, int]]:
-    if module.split(".")[0] in ("agent", "drivers", "simulator"):
+    if module.split(".")[0] in TOPS:
         yield module, line
 
 
@@ -92,6 +96,8 @@ def violations(root: Path) -> list[str]:
 
 def _direction(name: str, target: str) -> str | None:
     top, target_top = name.split(".")[0], target.split(".")[0]
+    if top == "center" or target_top == "center":  # the center is another party: only the contract joins them
+        return None if top == target_top else "center/ and the other packages import nothing of each other"
     if top == "simulator":
         return "the simulator may import drivers/ only" if target_top == "agent" else None
     if top == "drivers":
