@@ -1,0 +1,159 @@
+"""The daily report from a real buffer file: yields, availability, completeness, meter vs
+inverters, revisions after late data, and the retained message on report/daily (validated
+against docs/schemas/report-daily.json)."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import jsonschema
+import pytest
+
+from agent.energy.counters import CounterSpec
+from agent.energy.daily import DeviceFacts, SiteFacts
+from agent.energy.source import day_bounds
+from agent.service.reporting import DailyReports, build_report
+from agent.store.buffer import Buffer
+from agent.store.readonly import connect_ro
+from agent.uplink.messages import MessageBuilder, Topics
+from drivers.model import Reading
+
+TZ = "Asia/Shanghai"
+DAY = date(2026, 12, 2)
+STEP_S = 300
+SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "docs/schemas/report-daily.json").read_text())
+SPEC = CounterSpec(resolution=0.1, wrap=2**32 * 0.1, max_kw=100.0)
+FACTS = SiteFacts("demo-site", TZ, 100.0, None, None, (
+    DeviceFacts("inv01", "inverter", STEP_S, "energy_total", SPEC),
+    DeviceFacts("inv02", "inverter", STEP_S, "energy_total", SPEC),
+    DeviceFacts("meter", "meter", STEP_S, "energy_export", CounterSpec(0.01, None, 100.0), "energy_import"),
+), meter_share=0.05)
+
+
+def at(hour: float) -> int:
+    start = datetime.combine(DAY, datetime.min.time(), ZoneInfo(TZ))
+    return int((start + timedelta(hours=hour)).timestamp() * 1000)
+
+
+def kw(hour: float) -> float:
+    return max(0.0, 40.0 * (1 - ((hour - 12) / 6) ** 2))  # 0 at 06:00 and 18:00, 40 kW at noon
+
+
+def day_of_readings(silent: tuple[float, float] = (12.0, 14.0)) -> tuple[list[Reading], dict[str, float]]:
+    """Two inverters and a meter polled every 5 min from 23:00 the day before to 24:00;
+    inv02 silent over `silent`. The meter exports the inverters' power less a 0.8 kW base load."""
+    out: list[Reading] = []
+    c = {"inv01": 1000.0, "inv02": 5000.0, "exp": 200.0, "imp": 50.0}
+    h = -1.0
+    while h < 24.0 - 1e-9:
+        p = kw(h)
+        for inv in ("inv01", "inv02"):
+            if not (inv == "inv02" and silent[0] <= h < silent[1]):
+                out.append(Reading(inv, at(h), {"ac_power": round(p, 3), "energy_total": round(c[inv], 1)}))
+        out.append(Reading("meter", at(h), {"ac_power": round(2 * p - 0.8, 3), "energy_export": round(c["exp"], 2),
+                                            "energy_import": round(c["imp"], 2)}))
+        dt = STEP_S / 3600
+        c["inv01"] += p * dt
+        c["inv02"] += p * dt
+        c["exp"] += max(0.0, 2 * p - 0.8) * dt
+        c["imp"] += max(0.0, 0.8 - 2 * p) * dt
+        h += dt
+    return out, c
+
+
+@pytest.fixture
+def buffer(tmp_path: Path) -> Buffer:
+    buf = Buffer(tmp_path / "buffer.sqlite", max_mb=16)
+    yield buf  # type: ignore[misc]
+    buf.close()
+
+
+def counters_at(readings: list[Reading], device: str, key: str, start: int, end: int) -> tuple[float, float]:
+    """The device's counter at the last reading before the day and the last reading in it."""
+    mine = [r for r in readings if r.device == device and key in r.values]
+    before = [r for r in mine if r.ts_ms < start][-1]
+    last = [r for r in mine if r.ts_ms < end][-1]
+    return float(before.values[key]), float(last.values[key])
+
+
+def test_a_day_from_the_buffer(buffer: Buffer) -> None:
+    readings, _ = day_of_readings()
+    buffer.append(readings)
+    start, end = day_bounds(DAY, TZ)
+    db = connect_ro(buffer.path)
+    report = build_report(db, FACTS, DAY)
+    db.close()
+    for dev in ("inv01", "inv02"):
+        a, b = counters_at(readings, dev, "energy_total", start, end)
+        entry = report["devices"][dev]
+        assert (entry["counter_start"], entry["counter_end"]) == (a, b)
+        assert entry["yield_kwh"] == pytest.approx(b - a, abs=0.1)
+    inv02 = report["devices"]["inv02"]
+    assert inv02["polls_expected"] == 144 and inv02["polls_answered"] == 144 - 24  # 2 h of 12 h silent
+    assert inv02["availability"] == pytest.approx(120 / 144, abs=1e-4)
+    assert inv02["completeness"] == pytest.approx(120 / 144, abs=1e-4)
+    assert report["devices"]["inv01"]["availability"] == 1.0
+    # the counter difference across the silence is kept, not invented and not lost
+    assert inv02["yield_kwh"] == pytest.approx(report["devices"]["inv01"]["yield_kwh"], abs=0.2)
+    meter = report["devices"]["meter"]
+    assert meter["completeness"] == 1.0
+    ea, eb = counters_at(readings, "meter", "energy_export", start, end)
+    station = report["station"]
+    assert station["export_kwh"] == pytest.approx(eb - ea, abs=0.01)
+    assert station["yield_kwh"] == pytest.approx(inv02["yield_kwh"] + report["devices"]["inv01"]["yield_kwh"])
+    assert station["specific_yield"] == pytest.approx(station["yield_kwh"] / 100.0, abs=1e-4)
+    # base load 0.8 kW while the sun is up (12 h) is what the meter sees less than the inverters
+    assert station["meter_vs_inverters"]["difference_kwh"] == pytest.approx(-0.8 * 12, abs=0.5)
+    assert station["meter_vs_inverters"]["within"] is True and "meter_mismatch" not in station["flags"]
+    assert station["peak_kw"] == pytest.approx(80.0, abs=0.5)
+    assert report["seq_first"] is not None and report["complete"] is True
+
+
+def test_a_meter_far_from_the_inverters_is_flagged(buffer: Buffer) -> None:
+    readings, _ = day_of_readings()
+    buffer.append(readings)
+    tight = SiteFacts(FACTS.site_id, TZ, 100.0, None, None, FACTS.devices, meter_share=0.01)
+    db = connect_ro(buffer.path)
+    report = build_report(db, tight, DAY)
+    db.close()
+    assert report["station"]["meter_vs_inverters"]["within"] is False
+    assert "meter_mismatch" in report["station"]["flags"]
+
+
+def test_issued_after_midnight_once_and_revised_after_late_data(buffer: Buffer) -> None:
+    readings, c = day_of_readings()
+    buffer.append(readings)
+    reports = DailyReports(FACTS, buffer)
+    _, end = day_bounds(DAY, TZ)
+    assert reports.check(trusted=False, now_ms=end + 120_000) == []  # an untrusted clock does not know the day
+    early = reports.check(trusted=True, now_ms=end + 10_000)  # midnight + less than the delay
+    assert [(r["date"], r["revision"]) for r in early] == [("2026-12-01", 0)]  # its last hour is buffered
+    first = reports.check(trusted=True, now_ms=end + 120_000)
+    assert [(r["date"], r["revision"]) for r in first] == [("2026-12-02", 0)]
+    assert reports.check(trusted=True, now_ms=end + 180_000) == []  # nothing new: nothing issued
+    # A reading of 23:59 re-stamped after a clock correction arrives after the report.
+    buffer.append([Reading("inv01", end - 30_000, {"ac_power": 0.0, "energy_total": round(c["inv01"] + 2.0, 1)},
+                           ["clock:corrected"])])
+    second = reports.check(trusted=True, now_ms=end + 240_000)
+    assert [(r["date"], r["revision"]) for r in second] == [("2026-12-02", 1)]
+    assert second[0]["devices"]["inv01"]["yield_kwh"] == pytest.approx(first[0]["devices"]["inv01"]["yield_kwh"] + 2.0,
+                                                                       abs=0.1)
+    assert "clock_corrected" in second[0]["devices"]["inv01"]["flags"]
+
+
+def test_the_report_goes_out_retained_on_report_daily(buffer: Buffer) -> None:
+    readings, _ = day_of_readings()
+    buffer.append(readings)
+    _, end = day_bounds(DAY, TZ)
+    DailyReports(FACTS, buffer).check(trusted=True, now_ms=end + 120_000)
+    rows = buffer.unsent(buffer.last_seq() - 1)
+    msgs = MessageBuilder(Topics("pvgate", "demo-site"), "demo-site", 100).build(rows, "live")
+    report = [m for m in msgs if m.topic == "pvgate/demo-site/report/daily"]
+    assert len(report) == 1 and report[0].retain
+    payload = json.loads(report[0].payload)
+    jsonschema.validate(payload, SCHEMA)
+    assert payload["seq"] == buffer.last_seq() and payload["ts"] == end and payload["epoch"] == buffer.epoch
+    assert all(not m.retain for m in msgs if m is not report[0])
