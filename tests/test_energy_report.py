@@ -157,3 +157,74 @@ def test_the_report_goes_out_retained_on_report_daily(buffer: Buffer) -> None:
     jsonschema.validate(payload, SCHEMA)
     assert payload["seq"] == buffer.last_seq() and payload["ts"] == end and payload["epoch"] == buffer.epoch
     assert all(not m.retain for m in msgs if m is not report[0])
+
+
+SITE = """site:
+  id: s1
+  capacity_kwp: 120
+{extra}
+mqtt: {{host: 127.0.0.1}}
+agent: {{state_dir: {state}}}
+links:
+  - {{id: bus1, type: tcp, host: 127.0.0.1, port: 1502}}
+devices:
+  - {{id: inv01, link: bus1, unit: 1, profile: huawei-sun2000, interval: 10s}}
+  - {{id: meter, link: bus1, unit: 11, profile: chint-dtsu666}}
+"""
+
+
+def test_the_site_file_gives_counters_and_the_meter_tolerance(tmp_path: Path) -> None:
+    from agent.config import load_site
+    from agent.service.reporting import site_facts
+
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE.format(extra="  meter_tolerance: 0.03", state=tmp_path))
+    facts = site_facts(load_site(site))
+    assert facts.meter_share == 0.03 and facts.capacity_kwp == 120.0
+    inv, meter = facts.devices
+    assert (inv.kind, inv.counter, inv.spec.resolution, inv.spec.wrap) == ("inverter", "energy_total", 0.01,
+                                                                          2**32 * 0.01)
+    assert inv.spec.max_kw == 120.0 and inv.interval_s == 10.0
+    assert (meter.kind, meter.counter, meter.import_counter, meter.spec.wrap) == ("meter", "energy_export",
+                                                                                  "energy_import", None)
+    site.write_text(SITE.format(extra="", state=tmp_path))
+    assert site_facts(load_site(site)).meter_share == 0.05
+
+
+def test_a_wrong_meter_tolerance_names_its_line(tmp_path: Path) -> None:
+    from agent.config import load_site
+    from drivers.errors import ConfigError
+
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE.format(extra="  meter_tolerance: 5", state=tmp_path))
+    with pytest.raises(ConfigError) as err:
+        load_site(site)
+    problems = [p for p in err.value.problems if "site.meter_tolerance" in str(p)]
+    assert problems and problems[0].line == 4 and "between 0 and 1" in str(problems[0])
+
+
+def test_pvgate_report_reads_the_buffer_without_changing_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    from agent.cli import main
+
+    readings, _ = day_of_readings()
+    path = tmp_path / "buffer.sqlite"
+    buf = Buffer(path, max_mb=16)
+    buf.append([r for r in readings if r.device in ("inv01", "meter")])
+    buf.close()
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE.format(extra=f"  timezone: {TZ}", state=tmp_path).replace(
+        "agent:", f"buffer: {{path: {path}}}\nagent:"))
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert main(["report", "-c", str(site), "--day", DAY.isoformat(), "--csv"]) == 0
+    rows = {line.split(",")[0]: line.split(",") for line in capsys.readouterr().out.splitlines()[1:]}
+    start, end = day_bounds(DAY, TZ)
+    a, b = counters_at(readings, "inv01", "energy_total", start, end)
+    assert float(rows["inv01"][2]) == pytest.approx(b - a, abs=0.01)
+    assert main(["report", "-c", str(site), "--month", "2026-12"]) == 0
+    out = capsys.readouterr().out
+    assert "2026-12-02" in out and "TOTAL" in out
+    assert main(["report", "-c", str(site), "--day", "yesterday"]) == 64
+    assert "expected --day YYYY-MM-DD" in capsys.readouterr().err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before

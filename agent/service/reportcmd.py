@@ -21,7 +21,7 @@ from agent.energy.render import COLUMNS, MONTH_COLUMNS, day_rows, day_text, mont
 from agent.energy.source import local_day
 from agent.service.reporting import build_report, site_facts
 from agent.store.readonly import connect_ro
-from drivers.errors import PvgateError, StorageError
+from drivers.errors import StorageError
 
 EX_USAGE = 64
 
@@ -45,7 +45,7 @@ def _days(args: argparse.Namespace, today: date) -> list[date]:
             return [d for d in (date(year, month, i) for i in range(1, last + 1)) if d <= today]
         return [date.fromisoformat(args.day) if args.day else today]
     except ValueError:
-        raise PvgateError(f"expected --day YYYY-MM-DD or --month YYYY-MM, got {args.day or args.month!r}") from None
+        return []
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -56,6 +56,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise StorageError(f"no buffer at {path} (has the agent run yet?)")
     now = int(time.time() * 1000)
     days = _days(args, local_day(now, facts.timezone))
+    if not days:
+        print(f"pvgate report: expected --day YYYY-MM-DD or --month YYYY-MM (not in the future), "
+              f"got {args.day or args.month!r}", file=sys.stderr)
+        return EX_USAGE
     try:
         db = connect_ro(path)
         try:
