@@ -228,3 +228,41 @@ def test_pvgate_report_reads_the_buffer_without_changing_it(tmp_path: Path, caps
     assert main(["report", "-c", str(site), "--day", "yesterday"]) == 64
     assert "expected --day YYYY-MM-DD" in capsys.readouterr().err
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_readings_restamped_into_a_reported_day_revise_it(buffer: Buffer) -> None:
+    from drivers.model import Event
+
+    readings, c = day_of_readings()
+    buffer.append(readings)
+    _, end = day_bounds(DAY, TZ)
+    # Taken at 23:55 on a clock 10 min fast: stamped 00:05 the next day, unsynced.
+    late = Reading("inv01", end + 300_000, {"ac_power": 0.0, "energy_total": round(c["inv01"] + 1.5, 1)},
+                   ["clock:unsynced"])
+    seq = buffer.append([late])[0]
+    reports = DailyReports(FACTS, buffer)
+    first = [r for r in reports.check(trusted=True, now_ms=end + 600_000) if r["date"] == DAY.isoformat()]
+    assert first and first[0]["revision"] == 0
+    assert buffer.restamp(seq, seq, -600_000, "clock:unsynced", "clock:corrected") == 1  # the clock came right
+    assert reports.check(trusted=True, now_ms=end + 630_000) == []  # no new seq in the day: not seen yet
+    buffer.append([Event("_site", end + 640_000, "clock_step", {"step_ms": -600_000, "trusted": True})])
+    second = reports.check(trusted=True, now_ms=end + 660_000)
+    assert [(r["date"], r["revision"]) for r in second] == [(DAY.isoformat(), 1)]
+    assert second[0]["devices"]["inv01"]["yield_kwh"] == pytest.approx(first[0]["devices"]["inv01"]["yield_kwh"] + 1.5,
+                                                                       abs=0.1)
+
+
+def test_pruned_readings_never_make_a_revision(buffer: Buffer) -> None:
+    import sqlite3
+
+    readings, _ = day_of_readings()
+    buffer.append(readings)
+    _, end = day_bounds(DAY, TZ)
+    reports = DailyReports(FACTS, buffer)
+    assert reports.check(trusted=True, now_ms=end + 120_000)
+    db = sqlite3.connect(buffer.path)  # what the room keeper does to sent rows of a full buffer
+    db.execute("DELETE FROM record WHERE kind = 0 AND ts < ?", (at(3),))
+    db.commit()
+    db.close()
+    reports.built_upto.clear()  # as after a restart
+    assert reports.check(trusted=True, now_ms=end + 180_000) == []

@@ -6,8 +6,10 @@ REVISE_DAYS local days that ended at least DELAY_S ago (the last polls before mi
 committed first) it builds the day's report from the buffer over a read-only connection and
 compares it with the last one stored for that day: none, revision 0; a different one (data
 buffered after midnight with timestamps in that day, e.g. re-stamped after a clock correction),
-the next revision; the same, nothing. A day is only rebuilt when data rows with its timestamps
-were buffered since it was last built (one indexed query per day), so the job is cheap. The
+the next revision; the same, nothing; fewer readings than the last one (sent rows pruned from a
+full buffer), nothing either: a revision is made of late data, never of loss. A day is only
+rebuilt when data rows with its timestamps were buffered, or a clock step announced, since it
+was last built (one query over the new rowids per day), so the job is cheap. The
 report is stored as a KIND_REPORT row: it gets its seq from the buffer like every record and
 the publisher sends it retained on ``P/S/report/daily`` (docs/energy.md).
 
@@ -32,7 +34,7 @@ from agent.energy.daily import DeviceFacts, SiteFacts, build, same_content
 from agent.energy.source import day_bounds, day_rows, issued, local_day, rows_before
 from agent.store.buffer import Buffer
 from agent.store.readonly import connect_ro
-from agent.store.rows import KIND_DATA, report_row
+from agent.store.rows import KIND_DATA, KIND_EVENT, report_row
 from drivers.errors import StorageError
 from drivers.model import Device, Point
 
@@ -150,7 +152,7 @@ class DailyReports:
         self.built_upto[day.isoformat()] = last
         if quiet_if_empty and report["seq_first"] is None:
             return None
-        if previous is not None and same_content(previous, report):
+        if previous is not None and (same_content(previous, report) or _thinned(previous, report)):
             return None
         report["revision"] = 0 if previous is None else int(previous.get("revision", 0)) + 1
         report["issued_ts"] = int(time.time() * 1000)
@@ -175,10 +177,24 @@ class _ro:
 
 
 def _new_rows(db: sqlite3.Connection, after_seq: int, start: int, end: int) -> bool:
-    """Data rows with the day's timestamps buffered after after_seq: a range of the rowid (`+ts`
-    keeps SQLite off the ts index, which would scan the whole day)."""
-    return db.execute("SELECT 1 FROM record WHERE seq > ? AND kind = ? AND +ts >= ? AND +ts < ? LIMIT 1",
-                      (after_seq, KIND_DATA, start, end)).fetchone() is not None
+    """Data rows with the day's timestamps buffered after after_seq, or a clock step announced
+    since (its re-stamping moves readings between days without new seqs). A range of the rowid:
+    `+ts` keeps SQLite off the ts index, which would scan the whole day."""
+    return db.execute(
+        "SELECT 1 FROM record WHERE seq > ? AND (kind = ? AND +ts >= ? AND +ts < ? OR kind = ? AND "
+        "device = '_site' AND body LIKE '{\"event\":\"clock_step\"%') LIMIT 1",
+        (after_seq, KIND_DATA, start, end, KIND_EVENT)).fetchone() is not None
+
+
+def _thinned(previous: dict[str, Any], report: dict[str, Any]) -> bool:
+    """The new report rests on fewer readings than the last one (sent rows pruned from a full
+    buffer): it would be a revision made of loss, not of late data."""
+    if previous.get("seq_first") is not None and (report["seq_first"] is None
+                                                  or report["seq_first"] > previous["seq_first"]):
+        return True
+    old = previous.get("devices", {})
+    return any(isinstance(old.get(d), dict) and e["readings"] < old[d].get("readings", 0)
+               for d, e in report["devices"].items())
 
 
 __all__ = ["DailyReports", "build_report", "site_facts"]
