@@ -167,10 +167,14 @@ def build(site: SiteFacts, day: date, before: Sequence[DataRow], rows: Sequence[
     """The report of one local day (up to until_ms when the day is not over: `complete` false)."""
     start, end = day_bounds(day, site.timezone)
     until = end if until_ms is None else min(end, until_ms)
-    devices = {}
-    for dev in site.devices:
-        mine = [r for r in rows if r.device == dev.id]
-        devices[dev.id] = device_report(dev, [r for r in before if r.device == dev.id], mine, day, site, until)
+    per: dict[str, list[DataRow]] = {}
+    for r in rows:  # one pass: a large station has 100 devices and a million readings a day
+        per.setdefault(r.device, []).append(r)
+    prior: dict[str, list[DataRow]] = {}
+    for r in before:
+        prior.setdefault(r.device, []).append(r)
+    devices = {dev.id: device_report(dev, prior.get(dev.id, []), per.get(dev.id, []), day, site, until)
+               for dev in site.devices}
     seqs = [r.seq for r in rows if start <= r.ts < end]
     return {
         "date": day.isoformat(), "timezone": site.timezone, "revision": 0, "complete": until >= end,

@@ -43,17 +43,19 @@ def local_day(ts_ms: int, tz: str) -> date:
     return datetime.fromtimestamp(ts_ms / 1000, ZoneInfo(tz)).date()
 
 
-def _row(seq: int, device: str, ts: int, body: str) -> DataRow:
+def _row(seq: int, device: str, ts: int, body: str, keep: frozenset[str] | None = None) -> DataRow:
     parsed = json.loads(body)
     values = parsed.get("values")
-    return DataRow(int(seq), str(device), int(ts), values if isinstance(values, dict) else {},
-                   tuple(str(x) for x in parsed.get("q") or ()))
+    values = values if isinstance(values, dict) else {}
+    if keep is not None:  # a day of a large station: only what the report reads stays in memory
+        values = {k: v for k, v in values.items() if k in keep}
+    return DataRow(int(seq), str(device), int(ts), values, tuple(str(x) for x in parsed.get("q") or ()))
 
 
-def day_rows(db: sqlite3.Connection, start_ms: int, end_ms: int) -> list[DataRow]:
+def day_rows(db: sqlite3.Connection, start_ms: int, end_ms: int, keep: frozenset[str] | None = None) -> list[DataRow]:
     """Every data row with start <= ts < end, in seq order (the order of the polls, also when
-    the wall clock stepped back)."""
-    rows = [_row(seq, dev, ts, body) for seq, dev, ts, body, _ in iter_data(db, start_ms, end_ms)]
+    the wall clock stepped back); of the values only the keys in `keep` (all without it)."""
+    rows = [_row(seq, dev, ts, body, keep) for seq, dev, ts, body, _ in iter_data(db, start_ms, end_ms)]
     rows.sort(key=lambda r: r.seq)
     return rows
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from agent.clock import device_kind
 from agent.config import SiteConfig
-from agent.energy.counters import CounterSpec
+from agent.energy.counters import GAP_MIN_S, CounterSpec
 from agent.energy.daily import DeviceFacts, SiteFacts, build, same_content
 from agent.energy.source import day_bounds, day_rows, issued, local_day, rows_before
 from agent.store.buffer import Buffer
@@ -45,12 +45,14 @@ REVISE_DAYS = 3
 _UNSIGNED_BITS = {"u16": 16, "u32": 32, "u64": 64}
 
 
-def _spec(point: Point, max_kw: float | None) -> CounterSpec:
+def _spec(point: Point, max_kw: float | None, interval_s: float) -> CounterSpec:
+    gap_s = max(GAP_MIN_S, 3 * interval_s)  # a step longer than this is a gap, flagged
     name = point.type.name_
     if name in ("f32", "f64"):  # a float counter: its resolution is its precision near 10^5 kWh
-        return CounterSpec(resolution=0.01, max_kw=max_kw)
+        return CounterSpec(resolution=0.01, max_kw=max_kw, gap_s=gap_s)
     bits = _UNSIGNED_BITS.get(name)
-    return CounterSpec(resolution=abs(point.scale), wrap=2**bits * abs(point.scale) if bits else None, max_kw=max_kw)
+    return CounterSpec(resolution=abs(point.scale), wrap=2**bits * abs(point.scale) if bits else None,
+                       max_kw=max_kw, gap_s=gap_s)
 
 
 def device_facts(device: Device, max_kw: float | None) -> DeviceFacts:
@@ -63,7 +65,7 @@ def device_facts(device: Device, max_kw: float | None) -> DeviceFacts:
         chosen = counters[0]
     imp = points.get("energy_import")
     return DeviceFacts(device.id, kind, device.interval_s, chosen.key if chosen else None,
-                       _spec(chosen, max_kw) if chosen else CounterSpec(),
+                       _spec(chosen, max_kw, device.interval_s) if chosen else CounterSpec(),
                        imp.key if kind == "meter" and imp is not None and imp.counter else None)
 
 
@@ -80,7 +82,8 @@ def build_report(db: sqlite3.Connection, facts: SiteFacts, day: date, until_ms: 
     start, end = day_bounds(day, facts.timezone)
     db.execute("BEGIN")  # one snapshot: the rows and the reading before the day agree
     try:
-        rows = day_rows(db, start, end)
+        keep = frozenset({"ac_power", *(k for d in facts.devices for k in (d.counter, d.import_counter) if k)})
+        rows = day_rows(db, start, end, keep)
         keys = {d.id: d.counter for d in facts.devices if d.counter}
         before = rows_before(db, start, list(keys), {k: v for k, v in keys.items() if v})
     finally:
