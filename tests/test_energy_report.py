@@ -266,3 +266,13 @@ def test_pruned_readings_never_make_a_revision(buffer: Buffer) -> None:
     db.close()
     reports.built_upto.clear()  # as after a restart
     assert reports.check(trusted=True, now_ms=end + 180_000) == []
+
+
+def test_daylight_from_the_location_or_six_to_six() -> None:
+    from agent.energy.daily import daylight
+
+    rise, set_ = daylight(DAY, FACTS)
+    assert (rise, set_) == (at(6), at(18))
+    located = SiteFacts("s", TZ, 100.0, 36.84, 112.85, FACTS.devices)
+    rise, set_ = daylight(DAY, located)  # Shanxi in December: about 07:30 to 17:20 Beijing time
+    assert at(7) < rise < at(8) and at(17) < set_ < at(18)

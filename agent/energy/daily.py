@@ -46,10 +46,10 @@ def daylight(day: date, site: SiteFacts) -> tuple[int, int]:
     """UTC ms of sunrise and sunset at the site (06:00-18:00 local without a location)."""
     if site.lat is not None and site.lon is not None:
         rise, set_ = sun_times(day, site.lat, site.lon, site.timezone)
-        if rise is not None and set_ is not None:
+        if rise is not None and set_ is not None:  # also the midnight sun: the whole day
             return int(rise.timestamp() * 1000), int(set_.timestamp() * 1000)
-        start, end = day_bounds(day, site.timezone)
-        return (start, end) if rise is None and set_ is not None else (start, start)  # midnight sun / polar night
+        start, _ = day_bounds(day, site.timezone)
+        return start, start  # polar night: no poll is expected in the sun
     zone = ZoneInfo(site.timezone)
     a, b = (datetime.combine(day, time(h), zone) for h in FALLBACK_DAYLIGHT)
     return int(a.timestamp() * 1000), int(b.timestamp() * 1000)
