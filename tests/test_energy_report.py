@@ -276,3 +276,33 @@ def test_daylight_from_the_location_or_six_to_six() -> None:
     located = SiteFacts("s", TZ, 100.0, 36.84, 112.85, FACTS.devices)
     rise, set_ = daylight(DAY, located)  # Shanxi in December: about 07:30 to 17:20 Beijing time
     assert at(7) < rise < at(8) and at(17) < set_ < at(18)
+
+
+def test_the_report_command_checks_its_date() -> None:
+    from typing import Any
+
+    from agent.uplink.commands import CommandHandler
+
+    asked: list[str | None] = []
+
+    class Target:
+        loop = None
+        publisher = None
+
+        def site_id(self) -> str:
+            return "s1"
+
+        def report_now(self, day: str | None) -> dict[str, Any]:
+            asked.append(day)
+            return {"stored": True, "date": day or "today", "revision": 0}
+
+    handler = CommandHandler(Target())  # type: ignore[arg-type]
+    _, ok = handler("report", b'{"id": "r1", "date": "2026-12-02"}')
+    assert ok["ok"] and ok["result"]["date"] == "2026-12-02" and asked == ["2026-12-02"]
+    _, today = handler("report", b'{"id": "r2"}')
+    assert today["ok"] and asked[-1] is None
+    for bad in (b'{"id": "r3", "date": "02.12.2026"}', b'{"id": "r4", "date": 20261202}',
+                b'{"id": "r5", "day": "2026-12-02"}'):
+        _, reply = handler("report", bad)
+        assert not reply["ok"] and ("date" in reply["error"] or "unknown field" in reply["error"]), reply
+    assert len(asked) == 2
