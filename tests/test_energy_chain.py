@@ -16,7 +16,9 @@ cannot become one report in a test. Hence two tests, each showing one half hones
    counter difference across the gap is kept). Availability and completeness: the silent
    inverter answered as many polls fewer as the silence lasted. Meter vs inverters: the
    simulated meter exports 97 % of what inverters of its rating make (simulator/physics.py: its
-   own use and losses), so the difference is -3 % of the inverters' sum, inside the band.
+   own use and losses), so the difference is -3 % of the inverters' sum, inside the band; the
+   simulator's 0.8 kW base load shows in the meter's import counter (at 40 %), and the report's
+   import_kwh matches it.
    Availability is a share of the polls expected since sunrise (06:00 local without a location)
    and the agent ran only for this test, so absolute shares are small: the test compares them.
 2. ``test_the_report_is_issued_after_local_midnight``: the agent's wall clock is moved (the
@@ -161,6 +163,10 @@ def check_station(report: dict[str, Any], got: list[dict[str, Any]], silent_s: f
     mvi = station["meter_vs_inverters"]
     assert abs(mvi["share"] - (-0.03)) <= 0.01, mvi  # the simulated station's own use and losses
     assert mvi["within"] is True and "meter_mismatch" not in station["flags"]
+    # the base load itself (0.8 kW) is in the meter's import counter, at 40 % (physics.py)
+    meter = [r for r in got if r["device"] == "meter" and "energy_import" in r["values"]]
+    sim_h = (meter[-1]["ts"] - meter[0]["ts"]) / 1000 * SPEED / 3600
+    assert abs(devices["meter"]["import_kwh"] - 0.8 * 0.4 * sim_h) <= 0.02, (devices["meter"], sim_h)
 
 
 def check_cli_on_a_copy(tmp_path: Path, site: Path, report: dict[str, Any]) -> None:
