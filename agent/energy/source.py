@@ -22,7 +22,7 @@ from agent.store.rows import KIND_DATA, KIND_REPORT
 LOOKBACK_DAYS = 7  # how far back the reading before a day's start is looked for
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a day of a large station is a million of them
 class DataRow:
     seq: int
     device: str
