@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import jsonschema
@@ -306,3 +307,22 @@ def test_the_report_command_checks_its_date() -> None:
         _, reply = handler("report", bad)
         assert not reply["ok"] and ("date" in reply["error"] or "unknown field" in reply["error"]), reply
     assert len(asked) == 2
+
+
+def test_a_report_that_could_not_be_stored_is_stored_at_the_next_check(buffer: Buffer) -> None:
+    from agent.store.buffer import PartialWrite
+
+    readings, _ = day_of_readings()
+    buffer.append(readings)
+    _, end = day_bounds(DAY, TZ)
+    reports = DailyReports(FACTS, buffer)
+    real = buffer.append_rows
+
+    def full(rows: Any) -> list[int]:
+        raise PartialWrite("buffer full", [])
+
+    buffer.append_rows = full  # type: ignore[method-assign]
+    assert reports.check(trusted=True, now_ms=end + 120_000) == []
+    buffer.append_rows = real  # type: ignore[method-assign]
+    got = reports.check(trusted=True, now_ms=end + 150_000)
+    assert (DAY.isoformat(), 0) in [(r["date"], r["revision"]) for r in got]

@@ -32,6 +32,7 @@ from agent.config import SiteConfig
 from agent.energy.counters import GAP_MIN_S, CounterSpec
 from agent.energy.daily import DeviceFacts, SiteFacts, build, same_content
 from agent.energy.source import day_bounds, day_rows, issued, local_day, rows_before
+from agent.logutil import RateLimitedLog
 from agent.store.buffer import Buffer
 from agent.store.readonly import connect_ro
 from agent.store.rows import KIND_DATA, KIND_EVENT, report_row
@@ -100,6 +101,7 @@ class DailyReports:
         self.issued = 0
         self.facts = facts
         self._lock = threading.Lock()  # the job and the `report` command: one revision at a time
+        self._rl = RateLimitedLog(log)
 
     def configure(self, facts: SiteFacts) -> None:
         """A reload: new devices or tolerance may change what the days' reports say."""
@@ -119,7 +121,7 @@ class DailyReports:
                 if got is not None:
                     out.append(got)
         except (sqlite3.Error, StorageError) as err:  # tried again at the next check
-            log.warning("device=_site daily report not stored this time: %s", err)
+            self._rl.warning("report", "device=_site daily report not stored this time: %s", err)
         return out
 
     def on_demand(self, day: date | None) -> dict[str, Any]:
@@ -152,14 +154,14 @@ class DailyReports:
                 return None
             report = build_report(db, self.facts, day, until_ms)
             previous = issued(db, end)
-        self.built_upto[day.isoformat()] = last
-        if quiet_if_empty and report["seq_first"] is None:
-            return None
-        if previous is not None and (same_content(previous, report) or _thinned(previous, report)):
+        if (quiet_if_empty and report["seq_first"] is None) or (
+                previous is not None and (same_content(previous, report) or _thinned(previous, report))):
+            self.built_upto[day.isoformat()] = last
             return None
         report["revision"] = 0 if previous is None else int(previous.get("revision", 0)) + 1
         report["issued_ts"] = int(time.time() * 1000)
-        self.buffer.append_rows([report_row(end, report)])
+        self.buffer.append_rows([report_row(end, report)])  # a failure: built again at the next check
+        self.built_upto[day.isoformat()] = last
         self.issued += 1
         log.info("device=_site daily report %s revision %d stored: %.3f kWh", report["date"], report["revision"],
                  report["station"]["yield_kwh"])
