@@ -326,3 +326,24 @@ def test_a_report_that_could_not_be_stored_is_stored_at_the_next_check(buffer: B
     buffer.append_rows = real  # type: ignore[method-assign]
     got = reports.check(trusted=True, now_ms=end + 150_000)
     assert (DAY.isoformat(), 0) in [(r["date"], r["revision"]) for r in got]
+
+
+def test_pvgate_report_intervals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    readings, _ = day_of_readings()
+    path = tmp_path / "buffer.sqlite"
+    buf = Buffer(path, max_mb=16)
+    buf.append([r for r in readings if r.device == "inv01"])
+    buf.close()
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE.format(extra=f"  timezone: {TZ}", state=tmp_path).replace(
+        "agent:", f"buffer: {{path: {path}}}\nagent:"))
+    assert main(["report", "-c", str(site), "--day", DAY.isoformat(), "--intervals"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line.split(",") for line in lines[1:] if line.startswith("inv01,")]
+    assert len(steps) == 288  # every 5 min step of the day, the first from 23:55 the day before
+    start, end = day_bounds(DAY, TZ)
+    a, b = counters_at(readings, "inv01", "energy_total", start, end)
+    assert sum(float(s[6]) for s in steps) == pytest.approx(b - a, abs=0.01)
+    assert int(steps[0][2]) < start <= int(steps[0][3])

@@ -142,6 +142,11 @@ def daily(samples: Iterable[Sample], spec: CounterSpec, day_of: Callable[[int], 
     return days
 
 
+def intervals(samples: Sequence[Sample], spec: CounterSpec) -> list[tuple[Sample, Sample, Step]]:
+    """Energy per interval: every step of the series with its energy and flags."""
+    return [(a, b, step_energy(a, b, spec)) for a, b in zip(samples, samples[1:])]
+
+
 def total(samples: Sequence[Sample], spec: CounterSpec) -> float:
     """Energy over the whole series (the sum of its days)."""
     return sum(step_energy(a, b, spec).energy_kwh for a, b in zip(samples, samples[1:]))

@@ -29,7 +29,7 @@ def _time(ts: Any, tz: str) -> str | None:
     return datetime.fromtimestamp(ts / 1000, ZoneInfo(tz)).strftime("%H:%M")
 
 
-def day_rows(report: dict[str, Any]) -> list[list[str]]:
+def device_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per device, then the station."""
     tz = str(report["timezone"])
     out = []
@@ -71,7 +71,7 @@ def day_text(report: dict[str, Any]) -> str:
     if isinstance(mvi, dict):
         head += (f"\nmeter - inverters: {_fmt(mvi['difference_kwh'])} kWh ({_fmt(mvi['share'])} of the inverters; "
                  f"band {_fmt(mvi['band'])}: {'within' if mvi['within'] else 'OUTSIDE'})")
-    return head + "\n" + table(COLUMNS, day_rows(report))
+    return head + "\n" + table(COLUMNS, device_rows(report))
 
 
 def write_csv(header: Sequence[str], rows: Sequence[Sequence[str]], out: IO[str]) -> None:
