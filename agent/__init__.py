@@ -2,7 +2,7 @@
 
 Imports point one way, from the top down (tests/test_layers.py enforces it):
 
-    cli -> commission, service -> config -> uplink, poller -> store -> (agent base) -> drivers
+    cli -> commission, service -> config -> uplink, poller, energy -> store, clock -> (agent base) -> drivers
 
 - ``cli``         the ``pvgate`` command line
 - ``commission``  scan, probe, read, plan, bus budget, demo: the technician's tools
@@ -10,6 +10,7 @@ Imports point one way, from the top down (tests/test_layers.py enforces it):
 - ``config``      the site file, checked and typed
 - ``uplink``      MQTT: publisher, send window, messages, TLS, remote commands
 - ``poller``      link workers: one per physical link, scheduling of polls on it
+- ``energy``      counters to daily yields, and the daily report (agent/energy/__init__.py)
 - ``store``       the SQLite buffer and its writer thread
 - base modules here (``logutil``, the version) may be imported by every package.
 """

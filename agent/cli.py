@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     from agent.commission import scan  # `pvgate scan` and `pvgate read`, for commissioning
 
     scan.add_commands(sub)
+    from agent.service import reportcmd  # `pvgate report`: the daily energy report from the buffer
+
+    reportcmd.add_command(sub)
     return p
 
 

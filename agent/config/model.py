@@ -19,6 +19,9 @@ class SiteInfo:
     capacity_kwp: float | None
     lat: float | None = None  # site.location: sunrise and sunset for night mode
     lon: float | None = None
+    # site.meter_tolerance: the share by which the meter's export may differ from the inverters'
+    # sum in a day before the daily report flags it (docs/energy.md)
+    meter_tolerance: float = 0.05
 
 
 @dataclass(frozen=True)

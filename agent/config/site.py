@@ -20,7 +20,7 @@ from drivers.yamlsrc import Checker, LDict, load_file
 SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 TOP_KEYS = ("site", "mqtt", "buffer", "links", "devices", "agent")
-SITE_KEYS = ("id", "name", "timezone", "capacity_kwp", "location")
+SITE_KEYS = ("id", "name", "timezone", "capacity_kwp", "location", "meter_tolerance")
 LOCATION_KEYS = ("lat", "lon")
 MQTT_KEYS = ("host", "port", "tls", "username", "password", "password_file", "topic_prefix",
              "client_id", "keepalive", "batch_max", "inflight", "protocol", "max_message_kb",
@@ -87,7 +87,12 @@ def _site(node: LDict, chk: Checker, present: bool) -> SiteInfo:
     if cap is not None and cap <= 0:
         chk.problem(chk.line_of(node, "capacity_kwp"), "site.capacity_kwp", "expected a number of kWp above 0")
     lat, lon = _location(node, chk)
-    return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap, lat, lon)
+    tol = chk.get(node, "meter_tolerance", "site", float, 0.05)
+    if tol is not None and not 0 < tol < 1:
+        chk.problem(chk.line_of(node, "meter_tolerance"), "site.meter_tolerance",
+                    "expected a share between 0 and 1 (e.g. 0.05: meter and inverters may differ by 5 % a day)")
+    return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap, lat, lon,
+                    tol if tol is not None and 0 < tol < 1 else 0.05)
 
 
 def _location(node: LDict, chk: Checker) -> tuple[float | None, float | None]:

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import time
+from datetime import date
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any
 
@@ -42,6 +43,8 @@ from agent.service.health import health_message, status_snapshot
 from agent.service.learned import LearnedFile
 from agent.service.ondemand import OnDemandReads, worker_of
 from agent.service.reload import RELOAD_DRAIN_S, STOP_GRACE_S, Reloader
+from agent.service.reporting import CHECK_S as REPORT_CHECK_S
+from agent.service.reporting import DailyReports, site_facts
 from agent.service.sdnotify import SdNotifier
 from agent.service.status import StatusServer, socket_path
 from agent.service.supervision import Supervision
@@ -85,6 +88,7 @@ class Agent:
         self.supervision = Supervision(self)
         self.reloader = Reloader(self)
         self.reads = OnDemandReads(self)
+        self.reports = DailyReports(site_facts(cfg), self.buffer)  # agent/service/reporting.py
 
     # -- construction ------------------------------------------------------------------------
 
@@ -239,6 +243,8 @@ class Agent:
             worker = self.workers[device.link]
             self.schedule.add(f"poll-{device.id}", device.interval_s, functools.partial(self._tick, worker, device.id))
         self.schedule.add("prune", PRUNE_EVERY_S, lambda: self.spawn(self._prune(), "prune"))
+        self.reports.configure(site_facts(self.cfg))
+        self.schedule.add("report", REPORT_CHECK_S, lambda: self.spawn(self._report_check(), "report"))
         self.schedule.start()
         # Poll once right away: a technician restarting the agent wants data now, not at :10.
         for device_id in poll_now:
@@ -268,6 +274,14 @@ class Agent:
 
     async def _prune(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.buffer.prune_sent)
+
+    async def _report_check(self) -> None:
+        """Yesterday's report after local midnight, revisions after late data (off the loop)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.reports.check, self.timekeeper.trusted)
+
+    def report_now(self, day: str | None) -> dict[str, Any]:
+        """The `report` command (its worker thread): the day so far, stored and published."""
+        return self.reports.on_demand(date.fromisoformat(day) if day else None)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -13,6 +13,7 @@ from drivers.model import Event, Reading
 KIND_DATA = 0
 KIND_EVENT = 1
 KIND_DROP = 2  # an announcement of loss or lineage: never dropped itself, so every loss stays announced
+KIND_REPORT = 3  # a daily energy report (agent/energy): ts is the local midnight ending its day
 ANNOUNCEMENTS = frozenset({"dropped", "dropped_unbuffered", "buffer_reset"})
 
 RecordRow = tuple[int, str, int, str]  # kind, device, ts, body (JSON object text)
@@ -71,6 +72,11 @@ def record_row(r: Reading | Event) -> RecordRow:
     return (KIND_DROP if r.event in ANNOUNCEMENTS else KIND_EVENT, r.device, r.ts_ms, body)
 
 
+def report_row(end_ms: int, report: dict[str, object]) -> RecordRow:
+    """A daily report as a row on `_site`, published retained on report/daily (docs/energy.md)."""
+    return (KIND_REPORT, "_site", end_ms, json.dumps(report, ensure_ascii=False, separators=(",", ":")))
+
+
 def records_from(rows: Sequence[Row]) -> list[Reading | Event]:
     """Rows back into records (tests and tools)."""
     out: list[Reading | Event] = []
@@ -79,5 +85,5 @@ def records_from(rows: Sequence[Row]) -> list[Reading | Event]:
         if row.kind == KIND_DATA:
             out.append(Reading(row.device, row.ts, body["values"], body["q"]))
         else:
-            out.append(Event(row.device, row.ts, body.pop("event"), body))
+            out.append(Event(row.device, row.ts, body.pop("event", "report"), body))
     return out

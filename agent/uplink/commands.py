@@ -24,6 +24,7 @@ import concurrent.futures
 import json
 import logging
 import time
+from datetime import date
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -37,7 +38,7 @@ MAX_ID_CHARS = 128
 MAX_POINTS = 200
 READ_TIMEOUT_S = 10.0
 RELOAD_TIMEOUT_S = 30.0
-COMMANDS = ("ping", "status", "reload", "read", "resend")
+COMMANDS = ("ping", "status", "reload", "read", "resend", "report")
 MAX_INT = 2**63 - 1  # ids and seqs: what SQLite and every JSON parser at the center can hold
 
 Reply = tuple[str, dict[str, Any]]
@@ -106,6 +107,7 @@ class CommandHandler:
             "reload": ((), self._reload),
             "read": (("device", "points"), self._read),
             "resend": (("first_seq", "last_seq"), self._resend),
+            "report": (("date",), self._report),
         }
 
     # -- entry point (publisher thread) -------------------------------------------------------
@@ -229,6 +231,16 @@ class CommandHandler:
             result["_error"] = str(result.pop("error", "resend refused"))
         return result
 
+    def _report(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The daily report of `date` (default: today, so far), stored and sent on report/daily."""
+        day = request.get("date")
+        if day is not None and not (isinstance(day, str) and len(day) == 10 and _is_date(day)):
+            raise CommandError("date: expected a local date YYYY-MM-DD")
+        report = getattr(self.agent, "report_now", None)
+        if report is None or not callable(report):
+            raise CommandError("report is not supported by this agent")
+        return dict(report(day))
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _on_loop(self, coro: Coroutine[Any, Any, dict[str, Any]], timeout_s: float, what: str) -> dict[str, Any]:
@@ -245,6 +257,14 @@ class CommandHandler:
             raise CommandError(f"{what} did not finish within {timeout_s:g} s") from None
         except concurrent.futures.CancelledError:
             raise CommandError(f"{what} was cancelled (the agent is stopping)") from None
+
+
+def _is_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _jsonable(reply: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from agent.store.rows import KIND_DATA, Row
+from agent.store.rows import KIND_DATA, KIND_REPORT, Row
 from drivers.model import Device
 
 LIVE, BACKLOG, RESEND = "live", "backlog", "resend"
@@ -28,6 +28,7 @@ class Message:
     seqs: list[int]
     lane: str
     job: int = 0  # the resend request it belongs to (resend lane)
+    retain: bool = False  # the daily report: a center that subscribes later still gets it
 
 
 class Topics:
@@ -45,6 +46,9 @@ class Topics:
 
     def events(self, device: str) -> str:
         return f"{self.base}/events/{device}"
+
+    def report(self) -> str:
+        return f"{self.base}/report/daily"
 
     def health(self) -> str:
         return f"{self.base}/health"
@@ -168,10 +172,16 @@ class MessageBuilder:
         return Message(self.topics.data(rows[0].device), text.encode(), [r.seq for r in rows], lane)
 
     def _event(self, row: Row, lane: str, tail: str) -> Message:
+        if row.kind == KIND_REPORT:
+            return self._report(row, lane, tail)
         text = _obj(f'{self._head(row.device, row.epoch)},"seq":{row.seq},"ts":{row.ts}', row.body, tail)
         return Message(self.topics.events(row.device), text.encode(), [row.seq], lane)
 
-
+    def _report(self, row: Row, lane: str, tail: str) -> Message:
+        # Contract 2: no device field; ts is the local midnight ending the report's day.
+        head = f'"v":1,"site":{self.site_json}' + (f',"epoch":{json.dumps(row.epoch)}' if row.epoch else "")
+        text = _obj(f'{head},"seq":{row.seq},"ts":{row.ts}', row.body, tail)
+        return Message(self.topics.report(), text.encode(), [row.seq], lane, retain=True)
 
 
 def meta_payload(site: str, device: Device, identity: dict[str, Any]) -> bytes:

@@ -323,7 +323,7 @@ class Publisher:
         return MessageBuilder(self.topics, self.site, self.cfg.mqtt.batch_max, self.guard.payload_limit(longest))
 
     def _send(self, msg: Message) -> int | None:
-        info = self.client.publish(msg.topic, msg.payload, qos=1)
+        info = self.client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._rl.warning("publish", "device=_site publish failed (rc=%s); will retry after reconnect", info.rc)
             return None

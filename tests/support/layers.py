@@ -2,7 +2,7 @@
 
 Imports point one way, from the top down:
 
-    cli -> commission, service -> config -> uplink, poller -> store, clock -> base -> drivers
+    cli -> commission, service -> config -> uplink, poller, energy -> store, clock -> base -> drivers
 
 A module may import its own package and any package ranked below it; packages of the same rank
 (commission and service, uplink and poller, store and clock) do not import each other. drivers/
@@ -22,7 +22,7 @@ RANK = {
     "agent.cli": 6,
     "agent.commission": 5, "agent.service": 5,
     "agent.config": 4,
-    "agent.uplink": 3, "agent.poller": 3,
+    "agent.uplink": 3, "agent.poller": 3, "agent.energy": 3,
     "agent.store": 2, "agent.clock": 2,
     "agent": 1,  # base modules: the version, logutil
     "drivers": 0,
