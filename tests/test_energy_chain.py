@@ -49,6 +49,7 @@ from drivers.devicemap import ProfileLibrary
 from support.chain import SimDev, agent_cmd, readings, sim_device, start_sim, write_site
 from support.collector import publish
 from support.ports import free_port
+from support.schemas import validate_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schemas/report-daily.json").read_text())
@@ -111,8 +112,10 @@ def test_report_matches_the_simulated_energy(tmp_path: Path, broker, collector_f
     time.sleep(6)
     publish(broker.host, broker.port, "pvgate/energy/cmd/report", json.dumps({"id": "r1"}))
     col.wait_for(lambda ms: any(m.topic == "pvgate/energy/report/daily" for m in ms), timeout=30)
-    reply = [m.json() for m in col.messages() if m.topic == "pvgate/energy/reply/report"]
+    reply_msgs = [m for m in col.messages() if m.topic == "pvgate/energy/reply/report"]
+    reply = [m.json() for m in reply_msgs]
     assert reply and reply[0]["ok"], reply
+    assert validate_all(reply_msgs) == len(reply_msgs), "each reply checked against docs/schemas/reply-report.json"
     report = next(m.json() for m in col.messages() if m.topic == "pvgate/energy/report/daily")
     jsonschema.validate(report, SCHEMA)
     assert report["complete"] is False and report["revision"] == 0

@@ -15,7 +15,7 @@ from referencing import Registry, Resource
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 BASE = "https://pvgate.example/schemas/"
-COMMANDS = ("ping", "status", "reload", "read", "resend")
+COMMANDS = ("ping", "status", "reload", "read", "resend", "report")
 
 
 class _Msg(Protocol):
