@@ -235,11 +235,11 @@ def cmd_buffer_salvage(args: argparse.Namespace) -> int:
 def _agent_running(cfg: SiteConfig) -> bool:
     import socket
 
-    from agent.service.status import socket_path
+    from agent.service.status import find_socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            sock.connect(str(socket_path(cfg.agent.state_dir)))
+            sock.connect(str(find_socket(cfg.agent.state_dir)))
             return True
         except OSError:
             return False
