@@ -6,8 +6,8 @@ file, which win over shipped ones of the same id. docs/device-maps.md is the ref
 
 from __future__ import annotations
 
+import importlib.resources
 import re
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,13 @@ IDENTITY_KEYS = ("model", "serial", "rated_power_kw", "manufacturer", "firmware"
 
 
 def shipped_profile_dirs() -> list[Path]:
-    """Where the shipped library is: the source tree, else the installed share directory."""
-    here = Path(__file__).resolve().parent.parent / "config" / "profiles"
-    installed = Path(sys.prefix) / "share" / "pvgate" / "profiles"
-    return [d for d in (here, installed) if d.is_dir()]
+    """Where the shipped library is: package data drivers/profiles, read with importlib.resources.
+
+    In a checkout drivers/profiles is a link to config/profiles (the source of truth); a wheel
+    holds the files themselves, so the maps are found in a venv, a --user or a system install.
+    """
+    shipped = Path(str(importlib.resources.files("drivers").joinpath("profiles")))
+    return [shipped] if shipped.is_dir() else []
 
 
 class ProfileLibrary:
