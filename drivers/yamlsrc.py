@@ -65,8 +65,20 @@ class _Loader(yaml.SafeLoader):
     }
 
     def __init__(self, stream: str) -> None:
-        super().__init__(stream)
         self.number_problems: list[tuple[int, str]] = []
+        self.aliases = 0
+        super().__init__(stream)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # An "alias bomb" (lists of aliases of lists of aliases...) is tiny on disk and huge in
+        # memory once walked; a hand-written file needs a few aliases, never thousands.
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name); write the values out",
+                    self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
@@ -80,6 +92,9 @@ _Loader.add_implicit_resolver(
     list("-+.0123456789"),
 )
 _LEADING_ZERO = re.compile(r"^[-+]?0[0-9]+$")
+MAX_ALIASES = 200
+MAX_DIGITS = 40  # far beyond any register, unit or size; int() itself refuses 4300
+MAX_FILE_BYTES = 4 * 1024 * 1024  # a site file is a few KB, the largest device map ~100 KB
 
 
 def _bool(loader: _Loader, node: yaml.ScalarNode) -> bool:
@@ -88,6 +103,10 @@ def _bool(loader: _Loader, node: yaml.ScalarNode) -> bool:
 
 def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
     text = str(loader.construct_scalar(node))
+    if len(text) > MAX_DIGITS:
+        loader.number_problems.append((node.start_mark.line + 1, f"a number of {len(text)} digits; "
+                                       f"nothing here needs more than {MAX_DIGITS}"))
+        return 0
     if text.startswith(("0x", "0o")):
         return int(text[2:], 16 if text[1] == "x" else 8)
     if _LEADING_ZERO.match(text):
@@ -118,9 +137,11 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> LDict:
     out.key_lines = {}
     out.duplicates = []
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        key = str(key)
         line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            loader.number_problems.append((line, "a key cannot be a list or a mapping"))
+            continue
+        key = str(loader.construct_object(key_node, deep=True))
         if key in out:
             out.duplicates.append((key, line))
         out[key] = loader.construct_object(value_node, deep=True)
@@ -152,15 +173,25 @@ _YAML_HINTS = (
 
 def load_text(text: str, file: str) -> Any:
     """Parse YAML text; syntax errors become a ConfigError naming file:line."""
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         raise ConfigError([_syntax_problem(err, text, file)]) from err
+    except yaml.reader.ReaderError as err:
+        code = ord(err.character) if isinstance(err.character, str) else int(err.character)
+        raise ConfigError([Problem(file, text.count("\n", 0, err.position) + 1, "", f"not valid YAML: character "
+                                   f"U+{code:04X} is not allowed (binary data? a control character?)")]) from err
     except yaml.YAMLError as err:
-        raise ConfigError([Problem(file, 0, "", f"not valid YAML: {err}")]) from err
+        raise ConfigError([Problem(file, 1, "", f"not valid YAML: {err}")]) from err
+    except RecursionError as err:
+        line = loader.line + 1 if loader is not None else 1
+        raise ConfigError([Problem(file, line, "", "nested too deeply (brackets or indentation); "
+                                                   "a site file or device map is a few levels deep")]) from err
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if loader.number_problems:
         raise ConfigError([Problem(file, line, "", msg) for line, msg in loader.number_problems])
     return data
@@ -188,6 +219,9 @@ def _syntax_problem(err: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
 
 def load_file(path: Path) -> Any:
     try:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError([Problem(str(path), 0, "", f"{path.stat().st_size} bytes: far too large for a site "
+                                       f"file or device map (at most {MAX_FILE_BYTES // 1048576} MiB); is it the right file?")])
         data = path.read_bytes()
     except FileNotFoundError as err:
         raise ConfigError([Problem(str(path), 0, "", "file not found")]) from err
