@@ -341,13 +341,14 @@ def _state_dir_of(config: str | None) -> str:
     default = os.environ.get("PVGATE_STATE_DIR", DEFAULT_STATE_DIR)
     if config is None:
         return default
-    import yaml
+    from drivers.errors import ConfigError
+    from drivers.yamlsrc import load_text  # YAML 1.2, as the agent reads the file
 
     try:
-        data = yaml.safe_load(Path(config).read_text(encoding="utf-8-sig"))
+        data = load_text(Path(config).read_text(encoding="utf-8-sig"), config)
     except FileNotFoundError:
         raise StatusUnavailable(f"site file {config} not found", 66) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, ConfigError) as err:
         raise StatusUnavailable(f"cannot read site file {config}: {err}", 66) from None
     agent = data.get("agent") if isinstance(data, dict) else None
     state = agent.get("state_dir") if isinstance(agent, dict) else None
