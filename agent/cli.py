@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent import __version__
-from agent.config import EX_CONFIG, SiteConfig, format_problems, load_site
+from agent.config import DEFAULT_SITE_FILE, EX_CONFIG, SiteConfig, format_problems, load_site
 from agent.logutil import setup as setup_logging
 from drivers.errors import ConfigError, PvgateError, StorageError
 
@@ -55,16 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent (what systemd starts)")
-    run.add_argument("-c", "--config", required=True, help="site file (YAML)")
+    run.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate the site file and its device maps")
-    check.add_argument("-c", "--config", required=True)
+    check.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     check.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
     check.set_defaults(func=cmd_check)
 
     buf = sub.add_parser("buffer", help="buffer statistics, CSV export, salvage of a damaged file")
-    buf.add_argument("-c", "--config", required=True)
+    buf.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     bsub = buf.add_subparsers(metavar="ACTION")
     stats = bsub.add_parser("stats", help="rows, unsent, oldest unsent, size (read-only)")
     stats.set_defaults(func=cmd_buffer_stats)
@@ -238,11 +238,11 @@ def cmd_buffer_salvage(args: argparse.Namespace) -> int:
 def _agent_running(cfg: SiteConfig) -> bool:
     import socket
 
-    from agent.service.status import socket_path
+    from agent.service.status import find_socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            sock.connect(str(socket_path(cfg.agent.state_dir)))
+            sock.connect(str(find_socket(cfg.agent.state_dir)))
             return True
         except OSError:
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -11,11 +12,46 @@ from typing import Any
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
+# sd-daemon(3) priority prefixes: journald reads "<N>" at the start of a stderr line as its
+# syslog priority (SyslogLevelPrefix=yes, the default), so `journalctl -p warning` works.
+_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level: 2 crit, 3 err, 4 warning, 6 info, 7 debug."""
+    return next((prio for floor, prio in _PRIORITY if levelno >= floor), 7)
+
+
+def stderr_is_journal(stream: Any = None) -> bool:
+    """True when stderr is connected to journald: $JOURNAL_STREAM ("dev:ino", set by systemd)
+    names the very file stderr is, not one inherited by a child that redirected stderr."""
+    stream = sys.stderr if stream is None else stream
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class JournalFormatter(logging.Formatter):
+    """FORMAT with the line's syslog priority in front, for journald."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{syslog_priority(record.levelno)}>{super().format(record)}"
+
+
 def setup(level: str = "INFO") -> None:
     """One line per event on stderr; journald adds the timestamp, a terminal gets one too."""
     handler = logging.StreamHandler(sys.stderr)
-    fmt = FORMAT if not sys.stderr.isatty() else "%(asctime)s " + FORMAT
-    handler.setFormatter(logging.Formatter(fmt))
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter(FORMAT))
+    else:
+        fmt = FORMAT if not sys.stderr.isatty() else "%(asctime)s " + FORMAT
+        handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(JournalLineFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

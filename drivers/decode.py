@@ -45,11 +45,18 @@ def decode_points(
         except DecodeError:
             quality.append(f"decode:{point.key}")
             continue
-        if value is None:
+        if value is None or not _plausible(point, value):
             quality.append(f"invalid:{point.key}")
             continue
         values[point.key] = value
     return _drop_invalid_states(points, values, quality)
+
+
+def _plausible(point: Point, value: Value) -> bool:
+    """Inside the point's `range`, when it has one (a garbled register is not a reading)."""
+    if point.range is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return point.range[0] <= value <= point.range[1]
 
 
 def _drop_invalid_states(

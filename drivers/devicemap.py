@@ -6,8 +6,8 @@ file, which win over shipped ones of the same id. docs/device-maps.md is the ref
 
 from __future__ import annotations
 
+import importlib.resources
 import re
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 from drivers.codec import SENTINEL_SETS
 from drivers.errors import ConfigError
 from drivers.model import DataType, DeviceMap, Point, Table, WordOrder
+from drivers.pointfields import plausible_range, valid_when
 from drivers.yamlsrc import Checker, LDict, load_file
 
 KEY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -28,17 +29,20 @@ TYPE_NAMES = tuple(t.name_ for t in DataType)
 MAP_KEYS = ("id", "name", "source", "extends", "defaults", "read", "identity", "points", "sunspec")
 POINT_KEYS = (
     "key", "table", "address", "type", "count", "word_order", "byte_order", "scale", "offset",
-    "scale_factor", "unit", "counter", "invalid", "enum", "bits", "publish", "sim", "valid_when",
+    "scale_factor", "unit", "counter", "invalid", "enum", "bits", "publish", "sim", "valid_when", "range",
 )
 DEFAULT_KEYS = ("table", "word_order", "byte_order", "invalid", "address_offset")
 IDENTITY_KEYS = ("model", "serial", "rated_power_kw", "manufacturer", "firmware", "device_time")
 
 
 def shipped_profile_dirs() -> list[Path]:
-    """Where the shipped library is: the source tree, else the installed share directory."""
-    here = Path(__file__).resolve().parent.parent / "config" / "profiles"
-    installed = Path(sys.prefix) / "share" / "pvgate" / "profiles"
-    return [d for d in (here, installed) if d.is_dir()]
+    """Where the shipped library is: package data drivers/profiles, read with importlib.resources.
+
+    In a checkout drivers/profiles is a link to config/profiles (the source of truth); a wheel
+    holds the files themselves, so the maps are found in a venv, a --user or a system install.
+    """
+    shipped = Path(str(importlib.resources.files("drivers").joinpath("profiles")))
+    return [shipped] if shipped.is_dir() else []
 
 
 class ProfileLibrary:
@@ -262,26 +266,10 @@ def _point(item: Any, path: str, line: int, chk: Checker, defaults: dict[str, An
         bits=_code_table(node, "bits", path, chk),
         publish=chk.get(node, "publish", path, bool, dtype is not DataType.SUNSSF),
         sim=chk.get(node, "sim", path, (int, float, str), None, expected="a number or text"),
-        valid_when=_valid_when(node, path, chk),
+        valid_when=valid_when(node, path, chk),
+        range=plausible_range(node, path, chk),
     )
     return point if len(chk.problems) == before else None
-
-
-def _valid_when(node: LDict, path: str, chk: Checker) -> tuple[str, tuple[int, ...]] | None:
-    """`valid_when: {point: status, in: [0x5500, 0x9100]}`: raw codes of another point."""
-    if "valid_when" not in node:
-        return None
-    cond = chk.mapping(node["valid_when"], f"{path}.valid_when", chk.line_of(node, "valid_when"), ("point", "in"))
-    if cond is None:
-        return None
-    key = chk.get(cond, "point", f"{path}.valid_when", str, required=True)
-    codes = cond.get("in")
-    if not isinstance(codes, list) or not codes or not all(
-            isinstance(c, int) and not isinstance(c, bool) for c in codes):
-        chk.problem(chk.line_of(cond, "in") if "in" in cond else cond.line, f"{path}.valid_when.in",
-                    "expected a non-empty list of raw codes, e.g. [0x5500, 0x9100]")
-        return None
-    return (key, tuple(codes)) if key else None
 
 
 def _count(node: LDict, path: str, chk: Checker, dtype: DataType, table: Table) -> int:

@@ -93,6 +93,8 @@ class Point:
     # (key of another point, its raw codes) for which this point means something; e.g. a fault
     # code that the device leaves stale once the fault is gone. None: always valid.
     valid_when: tuple[str, tuple[int, ...]] | None = None
+    # (min, max) a value can physically take, in the point's unit; outside is flagged invalid.
+    range: tuple[float, float] | None = None
 
     @property
     def end(self) -> int:

@@ -46,8 +46,88 @@ class LList(list[Any]):
         self.item_lines = []
 
 
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with YAML 1.2 (core schema) scalars, as a technician reads them.
+
+    PyYAML implements YAML 1.1, where ``yes``/``no``/``on``/``off`` are booleans, ``0100`` is octal
+    64 and ``1:00`` is sexagesimal 60. Here only true/false are booleans (the rest stay text, and
+    the Checker names them where a boolean is wanted), ``1:00`` is text, and a decimal with a
+    leading zero is refused as ambiguous (octal to YAML 1.1, hex in many a manual).
+    """
+
+    # Every implicit resolver but YAML 1.1's bool, int and float; the 1.2 ones are added below.
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str) -> None:
+        self.number_problems: list[tuple[int, str]] = []
+        self.aliases = 0
+        super().__init__(stream)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # An "alias bomb" (lists of aliases of lists of aliases...) is tiny on disk and huge in
+        # memory once walked; a hand-written file needs a few aliases, never thousands.
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name); write the values out",
+                    self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+        return super().compose_node(parent, index)
+
+
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"),
+)
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9]+$")
+MAX_ALIASES = 200
+MAX_DIGITS = 40  # far beyond any register, unit or size; int() itself refuses 4300
+MAX_FILE_BYTES = 4 * 1024 * 1024  # a site file is a few KB, the largest device map ~100 KB
+
+
+def _bool(loader: _Loader, node: yaml.ScalarNode) -> bool:
+    return str(loader.construct_scalar(node)).lower() == "true"
+
+
+def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    if len(text) > MAX_DIGITS:
+        loader.number_problems.append((node.start_mark.line + 1, f"a number of {len(text)} digits; "
+                                       f"nothing here needs more than {MAX_DIGITS}"))
+        return 0
+    if text.startswith(("0x", "0o")):
+        return int(text[2:], 16 if text[1] == "x" else 8)
+    if _LEADING_ZERO.match(text):
+        digits = text.lstrip("+-")
+        octal = f" as octal {int(digits, 8)}" if set(digits) <= set("01234567") else ""
+        loader.number_problems.append((node.start_mark.line + 1, (
+            f"{text}: a number with a leading zero is ambiguous (YAML 1.1 tools read it{octal}, a manual "
+            f"may mean hex); write {int(text)}, or 0x{digits} if it is hex")))
+    return int(text)
+
+
+def _float(loader: _Loader, node: yaml.ScalarNode) -> float:
+    text = str(loader.construct_scalar(node)).lower()
+    if text.lstrip("+-") == ".inf":
+        return float("-inf") if text.startswith("-") else float("inf")
+    return float("nan") if text == ".nan" else float(text)
+
+
+_Loader.add_constructor(_BOOL, _bool)
+_Loader.add_constructor(_INT, _int)
+_Loader.add_constructor(_FLOAT, _float)
 
 
 def _mapping(loader: _Loader, node: yaml.MappingNode) -> LDict:
@@ -57,9 +137,11 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> LDict:
     out.key_lines = {}
     out.duplicates = []
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        key = str(key)
         line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            loader.number_problems.append((line, "a key cannot be a list or a mapping"))
+            continue
+        key = str(loader.construct_object(key_node, deep=True))
         if key in out:
             out.duplicates.append((key, line))
         out[key] = loader.construct_object(value_node, deep=True)
@@ -91,12 +173,28 @@ _YAML_HINTS = (
 
 def load_text(text: str, file: str) -> Any:
     """Parse YAML text; syntax errors become a ConfigError naming file:line."""
+    loader: _Loader | None = None
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+        loader = _Loader(text)
+        data = loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         raise ConfigError([_syntax_problem(err, text, file)]) from err
+    except yaml.reader.ReaderError as err:
+        code = ord(err.character) if isinstance(err.character, str) else int(err.character)
+        raise ConfigError([Problem(file, text.count("\n", 0, err.position) + 1, "", f"not valid YAML: character "
+                                   f"U+{code:04X} is not allowed (binary data? a control character?)")]) from err
     except yaml.YAMLError as err:
-        raise ConfigError([Problem(file, 0, "", f"not valid YAML: {err}")]) from err
+        raise ConfigError([Problem(file, 1, "", f"not valid YAML: {err}")]) from err
+    except RecursionError as err:
+        line = loader.line + 1 if loader is not None else 1
+        raise ConfigError([Problem(file, line, "", "nested too deeply (brackets or indentation); "
+                                                   "a site file or device map is a few levels deep")]) from err
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if loader.number_problems:
+        raise ConfigError([Problem(file, line, "", msg) for line, msg in loader.number_problems])
+    return data
 
 
 def _syntax_problem(err: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
@@ -121,6 +219,9 @@ def _syntax_problem(err: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
 
 def load_file(path: Path) -> Any:
     try:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError([Problem(str(path), 0, "", f"{path.stat().st_size} bytes: far too large for a site "
+                                       f"file or device map (at most {MAX_FILE_BYTES // 1048576} MiB); is it the right file?")])
         data = path.read_bytes()
     except FileNotFoundError as err:
         raise ConfigError([Problem(str(path), 0, "", "file not found")]) from err
@@ -223,7 +324,7 @@ class Checker:
         if not ok:
             want = expected or _kind_name(kind)
             self.problem(
-                node.key_lines[key], _join(path, key), f"expected {want}, got {_kind(value)}"
+                node.key_lines[key], _join(path, key), f"expected {want}, got {_kind(value)}{_hint(kind, value)}"
             )
             return default
         return value
@@ -249,11 +350,12 @@ class Checker:
             return default
         seconds = parse_duration(node[key])
         if seconds is None or seconds < minimum:
+            clock = isinstance(node[key], str) and ":" in node[key]
             self.problem(
                 node.key_lines[key],
                 _join(path, key),
                 f"expected a duration such as 10s, 500ms or 1m (at least {minimum:g}s), "
-                f"got {node[key]!r}",
+                f"got {node[key]!r}" + ("; h:mm or m:ss is not read as a duration, write 60s or 1m" if clock else ""),
             )
             return default
         return seconds
@@ -275,6 +377,17 @@ def _kind(value: Any) -> str:
     if isinstance(value, str):
         return f"text {value!r}"
     return f"{type(value).__name__} {value!r}"
+
+
+_YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
+
+
+def _hint(kind: type | tuple[type, ...], value: Any) -> str:
+    """The way out of YAML 1.1 habits: yes/no/on/off are text here."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if bool in kinds and isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+        return f"; write true or false ({value!r} is text in YAML 1.2, which pvgate reads)"
+    return ""
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

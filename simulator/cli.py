@@ -14,7 +14,8 @@ that a test (or a curious technician) knows what was served when. Faults can be 
 {"unit": 3, "fault": "silent"}; {"unit": 3, "fault": "slow:0.8:0.5"}; {"unit": 3, "fault": "none"};
 {"unit": 1, "set": {"ac_power": 12.345}} (a constant value), {"unit": 1, "unset": ["ac_power"]};
 {"unit": 3, "turnaround_ms": 40}; {"cmd": "state"} (requests and answers per unit);
-{"cmd": "drop"} (close every TCP connection, like a DTU that reboots).
+{"cmd": "drop"} (close every TCP connection, like a DTU that reboots). `--chaos SEED[:SECONDS]`
+lets faults come and go by themselves, the same for the same seed (simulator/chaos.py).
 
 Serial listeners emulate the wire: `rtu:///dev/pts/N?baudrate=9600&parity=N&turnaround_ms=20` holds
 each answer back until request and response could have crossed a real 9600-baud line, plus the
@@ -39,6 +40,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError
 from drivers.yamlsrc import Checker, load_file
+from simulator.chaos import Chaos
+from simulator.chaos import run as run_chaos
 from simulator.device import NIGHT_MODES, Fault, SimDevice
 from simulator.image import ImageDevice, load_image
 from simulator.physics import PvPlant, SimClock, Sun
@@ -74,6 +77,7 @@ class SimSpec:
     start: str | None = None
     control: str | None = None
     profiles: list[str] = field(default_factory=list)
+    chaos: str | None = None  # SEED[:SECONDS], simulator/chaos.py
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timezone", default=None, help="site time zone for the sun curve (default Asia/Shanghai)")
     p.add_argument("--control", default=None, help="tcp://HOST:PORT for run-time fault control")
     p.add_argument("--profiles", action="append", default=[], help="extra directory of device maps")
+    p.add_argument("--chaos", default=None, metavar="SEED[:SECONDS]",
+                   help="faults that come and go: every SECONDS (default 10) each unit draws a new one (seeded)")
     args = p.parse_args(argv)
     try:
         spec = _spec(args)
@@ -147,6 +153,9 @@ def _spec(args: argparse.Namespace) -> SimSpec:
         raise ValueError(f"unknown time zone {spec.timezone!r}; expected an IANA name such as Asia/Shanghai") from None
     spec.control = args.control or spec.control
     spec.profiles += args.profiles
+    if args.chaos:
+        Chaos.parse(args.chaos)
+        spec.chaos = args.chaos
     return spec
 
 
@@ -267,6 +276,7 @@ async def _run(spec: SimSpec) -> int:
             server = await serve_tcp(bus)
             closers.append(server)
     control = await _start_control(spec.control, buses) if spec.control else None
+    chaos = asyncio.create_task(run_chaos(Chaos.parse(spec.chaos), buses)) if spec.chaos else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -279,6 +289,8 @@ async def _run(spec: SimSpec) -> int:
         "timezone": spec.timezone,
     }), flush=True)
     await stop.wait()
+    if chaos is not None:
+        chaos.cancel()
     for c in closers:
         c.close()
     if control is not None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install pvgate on a gateway: system user, virtualenv, config skeleton, systemd unit.
 #
-# Usage: sudo systemd/install.sh [--prefix DIR] [--dry-run]
+# Usage: sudo systemd/install.sh [--prefix DIR] [--offline BUNDLE] [--dry-run]
 #
 #   --prefix DIR  install root for the virtualenv (default /opt/pvgate -> /opt/pvgate/venv)
+#   --offline B   install from a bundle made by systemd/bundle.sh (no network: pip --no-index)
 #   --dry-run     print each action instead of doing it. Read-only checks still run, and
 #                 the root check is skipped so the plan can be reviewed (and tested) as
 #                 any user; a real run must be done as root.
@@ -27,10 +28,11 @@ readonly UNIT_DST=/etc/systemd/system/pvgate.service
 
 PREFIX="${DEFAULT_PREFIX}"
 DRY_RUN=0
+OFFLINE=""
 PYTHON="${PYTHON:-python3}"
 
 usage() {
-    sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 die() {
@@ -66,6 +68,15 @@ while (($#)); do
             ;;
         --dry-run)
             DRY_RUN=1
+            shift
+            ;;
+        --offline)
+            (($# >= 2)) || die "--offline needs the bundle directory made by systemd/bundle.sh"
+            OFFLINE="$2"
+            shift 2
+            ;;
+        --offline=*)
+            OFFLINE="${1#--offline=}"
             shift
             ;;
         -h | --help)
@@ -112,6 +123,19 @@ command -v "${PYTHON}" >/dev/null 2>&1 ||
     die "the Python venv module is incomplete: install the Debian package python3-venv (apt-get install python3-venv)"
 note "using $("${PYTHON}" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 
+CONSTRAINTS="${REPO_ROOT}/constraints.txt"
+if [[ -n "${OFFLINE}" ]]; then
+    [[ -d "${OFFLINE}" ]] || die "--offline ${OFFLINE}: no such directory; make it with systemd/bundle.sh"
+    OFFLINE="$(cd "${OFFLINE}" && pwd)"
+    compgen -G "${OFFLINE}/pvgate-*.whl" >/dev/null ||
+        die "--offline ${OFFLINE}: no pvgate wheel in it; make the bundle with systemd/bundle.sh"
+    [[ -f "${OFFLINE}/constraints.txt" ]] && CONSTRAINTS="${OFFLINE}/constraints.txt"
+    if [[ -f "${OFFLINE}/TARGET" ]] && [[ "$(<"${OFFLINE}/TARGET")" != "linux/$(uname -m)" ]]; then
+        die "bundle ${OFFLINE} is for $(<"${OFFLINE}/TARGET"), this machine is linux/$(uname -m): build one with --target linux/$(uname -m)"
+    fi
+fi
+[[ -f "${CONSTRAINTS}" ]] || die "missing ${CONSTRAINTS}: the pinned versions pvgate is tested with"
+
 # --- Service user ----------------------------------------------------------------------
 
 if ! getent group "${SERIAL_GROUP}" >/dev/null; then
@@ -142,11 +166,17 @@ else
     run "${PYTHON}" -m venv "${VENV}"
 fi
 
-note "installing pvgate from ${REPO_ROOT} into ${VENV}"
 # Non-editable: the service must not depend on this checkout staying in place.
-# --upgrade reinstalls from the checkout on re-runs so an upgrade takes effect.
-run "${VENV}/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
-    --upgrade "${REPO_ROOT}"
+# --upgrade reinstalls on re-runs so an upgrade takes effect; versions pinned by constraints.txt.
+pip_install=("${VENV}/bin/python" -m pip install --no-cache-dir --disable-pip-version-check
+    --upgrade --constraint "${CONSTRAINTS}")
+if [[ -n "${OFFLINE}" ]]; then
+    note "installing pvgate from the bundle ${OFFLINE} into ${VENV} (offline)"
+    run "${pip_install[@]}" --no-index --find-links "${OFFLINE}" pvgate
+else
+    note "installing pvgate from ${REPO_ROOT} into ${VENV}"
+    run "${pip_install[@]}" "${REPO_ROOT}"
+fi
 
 # --- Configuration ---------------------------------------------------------------------
 

@@ -380,12 +380,14 @@ def test_password_file_without_read_permission(tmp_path: Path, env: dict[str, st
 
 def test_password_file_that_is_empty(tmp_path: Path, env: dict[str, str]) -> None:
     secret = write(tmp_path, "\n", "mqtt.pass")
+    secret.chmod(0o600)
     path = write(tmp_path, with_mqtt(f"  username: test-site\n  password_file: {secret}\n"))
     expect(path, env, (9, "mqtt.password_file", "is empty"))
 
 
 def test_password_file_is_read_and_never_printed(tmp_path: Path, env: dict[str, str]) -> None:
     secret = write(tmp_path, "Pa55-word\n", "mqtt.pass")
+    secret.chmod(0o640)
     path = write(tmp_path, with_mqtt(f"  username: test-site\n  password_file: {secret}\n"))
     assert load_site(path).mqtt.password == "Pa55-word"
     result = pvgate("check", "-c", str(path), env=env)

@@ -232,3 +232,95 @@ def test_install_refuses_non_root() -> None:
             shutil.rmtree(directory, ignore_errors=True)
     assert result.returncode == 1
     assert "must be run as root" in result.stderr
+
+
+# --- serial ports under DevicePolicy=closed --------------------------------------------
+
+# DeviceAllow=char-<group> names a driver as listed in /proc/devices ("Character devices"), matched
+# with shell globbing (systemd.resource-control(5), "Device Access"); it is not a /dev name pattern.
+# Each device node a gateway's RS-485 port appears as, and the tty driver name its kernel driver
+# registers (tty_driver.name / uart_driver.dev_name), which is what /proc/devices lists:
+SERIAL_NODES = {
+    "/dev/ttyAMA0": "ttyAMA",  # drivers/tty/serial/amba-pl011.c (Raspberry Pi PL011)
+    "/dev/ttymxc1": "ttymxc",  # drivers/tty/serial/imx.c (NXP i.MX)
+    "/dev/ttyUSB0": "ttyUSB",  # drivers/usb/serial/usb-serial.c (FTDI, CH341, CP210x, PL2303)
+    "/dev/ttyACM0": "ttyACM",  # drivers/usb/class/cdc-acm.c
+    "/dev/ttyS1": "ttyS",  # drivers/tty/serial/8250/8250_core.c
+    "/dev/ttySC0": "ttySC",  # drivers/tty/serial/sc16is7xx.c (SPI/I2C RS-485 HATs)
+    "/dev/ttyLP1": "ttyLP",  # drivers/tty/serial/fsl_lpuart.c (i.MX8, Layerscape)
+}
+
+
+def _systemd_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """section -> key -> values, read as systemd.syntax(7) says: comments are whole lines starting
+    with # or ;, a trailing backslash continues the line, a key may repeat."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith(("#", ";"))):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"not a key=value line: {raw!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def _allowed(device: str, allow: list[str]) -> bool:
+    """Whether DeviceAllow= entries grant rw on device (a node path, or its /proc/devices group)."""
+    import fnmatch
+
+    group = SERIAL_NODES[device]
+    for entry in allow:
+        spec, _, access = entry.partition(" ")
+        if not {"r", "w"} <= set(access):
+            continue
+        if spec == device or (spec.startswith("char-") and fnmatch.fnmatchcase(group, spec[5:])):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("device", sorted(SERIAL_NODES))
+def test_serial_ports_of_real_gateways_are_allowed(device: str) -> None:
+    service = _systemd_unit(UNIT.read_text())["Service"]
+    assert service["DevicePolicy"] == ["closed"]
+    assert _allowed(device, service["DeviceAllow"]), (device, service["DeviceAllow"])
+
+
+def test_device_allow_is_not_wider_than_serial_ports() -> None:
+    allow = _systemd_unit(UNIT.read_text())["Service"]["DeviceAllow"]
+    for entry in allow:
+        spec, _, access = entry.partition(" ")
+        assert spec.startswith("char-tty") and "*" not in spec and access == "rw", entry
+    # "tty" itself would be /dev/tty1.. (consoles), "pts" every terminal: never allowed.
+    assert not any(e.split()[0] in {"char-tty", "char-pts", "char-ptm"} for e in allow)
+
+
+def test_status_socket_is_under_runtime_directory() -> None:
+    service = _systemd_unit(UNIT.read_text())["Service"]
+    assert service["RuntimeDirectory"] == ["pvgate"]
+    assert "PVGATE_RUNTIME_DIR=/run/pvgate" in service["Environment"]
+
+
+def test_socket_path_follows_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from agent.service.status import find_socket, socket_path
+
+    monkeypatch.delenv("PVGATE_RUNTIME_DIR", raising=False)
+    assert socket_path(tmp_path) == tmp_path / "pvgate.sock"
+    assert find_socket(tmp_path) == tmp_path / "pvgate.sock"
+    monkeypatch.setenv("PVGATE_RUNTIME_DIR", str(tmp_path / "run"))
+    assert socket_path("/var/lib/pvgate") == tmp_path / "run" / "pvgate.sock"
+    assert find_socket("/var/lib/pvgate") == tmp_path / "run" / "pvgate.sock"
+
+
+def test_drop_in_documented_for_other_serial_drivers() -> None:
+    ops = (REPO / "docs" / "operations.md").read_text()
+    assert "pvgate.service.d" in ops and "DeviceAllow=char-" in ops and "/proc/devices" in ops

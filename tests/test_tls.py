@@ -66,6 +66,8 @@ def make_pki(d: Path) -> Pki:
     run(openssl, "pkey", "-in", f"{SITE_A}.key", "-aes256", "-passout", f"pass:{KEY_PASSWORD}",
         "-out", f"{SITE_A}.enc.key", cwd=d)
     (d / "a.keypass").write_text(KEY_PASSWORD + "\n")
+    for secret in [*d.glob("*.key"), d / "a.keypass"]:
+        secret.chmod(0o600)  # pvgate refuses secrets every user can read
     return Pki(d)
 
 
@@ -231,6 +233,7 @@ def test_unusable_certificate_or_key_is_a_clear_error(tmp_path: Path, tls_broker
     garbage.write_text("this is not a certificate\n")
     wrong = tmp_path / "wrong.pass"
     wrong.write_text("nope\n")
+    wrong.chmod(0o600)
     ca, crt = pki["ca.crt"], pki[SITE_A + ".crt"]
     tls, expect = {
         "missing cert": (f"{{ca_file: {ca}, cert_file: {tmp_path}/nowhere.crt, key_file: {pki[SITE_A + '.key']}}}",

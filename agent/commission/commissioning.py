@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from agent.config import DEFAULT_SITE_FILE
+
 
 def add_commands(sub: Any) -> None:
     add_plan(sub)
@@ -19,7 +21,7 @@ def add_plan(sub: Any) -> None:
         description="Print every device's planned reads (table, address, count, points) and, per RS-485 "
                     "link, the minimum time one full poll cycle takes on the wire, the bus load the "
                     "configured intervals ask for, and a warning when they cannot be met.")
-    plan.add_argument("-c", "--config", required=True, help="site file (YAML)")
+    plan.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     plan.add_argument("--turnaround-ms", type=float, default=None, metavar="MS",
                       help="time a device takes to start answering (default 20 ms, a typical inverter)")
     plan.set_defaults(func=cmd_plan)

@@ -6,6 +6,7 @@ material the way the publisher will use it), store/, the agent's base modules an
 """
 
 from agent.config.model import (
+    DEFAULT_SITE_FILE,
     DEFAULT_STATE_DIR,
     EX_CONFIG,
     AgentConfig,
@@ -16,5 +17,5 @@ from agent.config.model import (
 from agent.config.site import format_problems, load_site
 from agent.uplink.settings import MqttConfig, TlsConfig
 
-__all__ = ["DEFAULT_STATE_DIR", "EX_CONFIG", "AgentConfig", "BufferConfig", "MqttConfig", "SiteConfig", "SiteInfo",
+__all__ = ["DEFAULT_SITE_FILE", "DEFAULT_STATE_DIR", "EX_CONFIG", "AgentConfig", "BufferConfig", "MqttConfig", "SiteConfig", "SiteInfo",
            "TlsConfig", "format_problems", "load_site"]

@@ -9,6 +9,7 @@ from drivers.model import Device, Link
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: what systemd and the technician see for a bad site file
 DEFAULT_STATE_DIR = "/var/lib/pvgate"
+DEFAULT_SITE_FILE = "/etc/pvgate/site.yaml"  # where systemd/install.sh puts it; every -c defaults to it
 
 
 @dataclass(frozen=True)

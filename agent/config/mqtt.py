@@ -92,6 +92,8 @@ def _tls(node: LDict, chk: Checker) -> TlsConfig | None:
     for key in ("ca_file", "cert_file", "key_file"):
         value = chk.get(tls, key, "mqtt.tls", str, None, required=key == "ca_file")
         readable[key] = value is not None and _readable(value, tls, key, "mqtt.tls", chk)
+        if key == "key_file" and readable[key] and value is not None:
+            readable[key] = _not_public(value, tls, key, "mqtt.tls", chk)
         files[key] = value
     if (files["cert_file"] is None) != (files["key_file"] is None):
         chk.problem(tls.line, "mqtt.tls", "cert_file and key_file go together (client certificate)")
@@ -132,13 +134,24 @@ def _readable(value: str, node: LDict, key: str, path: str, chk: Checker) -> boo
     return True
 
 
+def _not_public(value: str, node: LDict, key: str, path: str, chk: Checker) -> bool:
+    """A secret file that every user of the gateway may read is refused, with the commands that fix it."""
+    mode = Path(value).stat().st_mode & 0o777
+    if mode & 0o006:
+        chk.problem(chk.line_of(node, key), f"{path}.{key}",
+                    f"file {value} is readable by every user (mode {mode:04o}); keep secrets owner/group-only: "
+                    f"sudo chown root:pvgate {value} && sudo chmod 0640 {value}")
+        return False
+    return True
+
+
 def _secret(node: LDict, key: str, file_key: str, path: str, chk: Checker) -> str | None:
     """A secret given inline as ${ENV} or in a file; plain text inline is refused (it ends up in backups and screenshots)."""
     if key in node and file_key in node:
         chk.problem(chk.line_of(node, key), f"{path}.{key}", f"give either {key} or {file_key}, not both")
     if file_key in node:
         name = chk.get(node, file_key, path, str, None)
-        if name is None or not _readable(name, node, file_key, path, chk):
+        if name is None or not _readable(name, node, file_key, path, chk) or not _not_public(name, node, file_key, path, chk):
             return None
         try:
             secret = Path(name).read_text(encoding="utf-8").strip()

@@ -123,7 +123,8 @@ def health_message(agent: AgentView) -> dict[str, Any]:
                  "replayed_rows": pub.stats.replayed_rows, "resent_rows": pub.stats.resent_rows},
         "reloads": agent.reloads,
         "clock": agent.timekeeper.snapshot(),
-        "commands": {"handled": agent.commands.handled, "refused": agent.commands.refused},
+        "commands": {"handled": agent.commands.handled, "refused": agent.commands.refused,
+                     "dropped": getattr(getattr(agent.publisher, "runner", None), "dropped", 0)},
         **({"watchdog_stalled": agent.supervision.stalled} if agent.supervision.watchdog is not None else {}),
     }
 

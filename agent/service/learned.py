@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from agent import private
 from agent.poller.learning import Learned
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class LearnedFile:
         body = json.dumps({dev: item.to_json() for dev, item in sorted(learned.items())}, indent=1)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
+            with private.open_text(tmp) as fh:
                 fh.write(body)
                 fh.flush()
                 os.fsync(fh.fileno())

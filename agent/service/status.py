@@ -1,6 +1,7 @@
 """`pvgate status`: a unix socket in the agent's state directory, and the client that reads it.
 
-The running agent listens on ``<state_dir>/pvgate.sock`` (mode 0660: root and the service's
+The running agent listens on ``$PVGATE_RUNTIME_DIR/pvgate.sock`` (``/run/pvgate`` under the
+systemd unit), else ``<state_dir>/pvgate.sock`` (mode 0660: root and the service's
 group may ask). The protocol is one JSON object per line each way, then the agent closes the
 connection::
 
@@ -41,8 +42,25 @@ EX_NOPERM = 77
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+RUNTIME_ENV = "PVGATE_RUNTIME_DIR"
+SERVICE_RUNTIME_DIR = Path("/run/pvgate")  # RuntimeDirectory=pvgate of systemd/pvgate.service
+SERVICE_STATE_DIR = "/var/lib/pvgate"
+
+
 def socket_path(state_dir: str | Path) -> Path:
-    return Path(state_dir) / SOCKET_NAME
+    """Where the agent listens: $PVGATE_RUNTIME_DIR (the unit sets /run/pvgate), else the state dir."""
+    runtime = os.environ.get(RUNTIME_ENV)
+    return Path(runtime) / SOCKET_NAME if runtime else Path(state_dir) / SOCKET_NAME
+
+
+def find_socket(state_dir: str | Path) -> Path:
+    """Where a client finds the agent: as socket_path, and for the installed service (default state
+    dir) /run/pvgate/pvgate.sock, since a shell has not the service's environment."""
+    path = socket_path(state_dir)
+    if os.environ.get(RUNTIME_ENV) or str(state_dir).rstrip("/") != SERVICE_STATE_DIR:
+        return path
+    service = SERVICE_RUNTIME_DIR / SOCKET_NAME
+    return service if service.exists() or not path.exists() else path
 
 
 # -- server (runs on the agent's event loop) ---------------------------------------------------
@@ -308,7 +326,9 @@ def add_command(sub: Any) -> None:
     p = sub.add_parser("status", help="what the running agent is doing (links, devices, values, buffer)")
     p.add_argument("-c", "--config", default=None,
                    help="site file; its agent.state_dir locates the agent's socket")
-    p.add_argument("--socket", default=None, help=f"the agent's status socket (default: STATE_DIR/{SOCKET_NAME})")
+    p.add_argument("--socket", default=None,
+                   help=f"the agent's status socket (default: $PVGATE_RUNTIME_DIR/{SOCKET_NAME}, "
+                        f"/run/pvgate/{SOCKET_NAME} for the installed service, else STATE_DIR/{SOCKET_NAME})")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument("--no-values", action="store_true", help="leave out the devices' last values")
     p.set_defaults(func=cmd_status)
@@ -321,13 +341,14 @@ def _state_dir_of(config: str | None) -> str:
     default = os.environ.get("PVGATE_STATE_DIR", DEFAULT_STATE_DIR)
     if config is None:
         return default
-    import yaml
+    from drivers.errors import ConfigError
+    from drivers.yamlsrc import load_text  # YAML 1.2, as the agent reads the file
 
     try:
-        data = yaml.safe_load(Path(config).read_text(encoding="utf-8-sig"))
+        data = load_text(Path(config).read_text(encoding="utf-8-sig"), config)
     except FileNotFoundError:
         raise StatusUnavailable(f"site file {config} not found", 66) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, ConfigError) as err:
         raise StatusUnavailable(f"cannot read site file {config}: {err}", 66) from None
     agent = data.get("agent") if isinstance(data, dict) else None
     state = agent.get("state_dir") if isinstance(agent, dict) else None
@@ -336,7 +357,7 @@ def _state_dir_of(config: str | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        path = Path(args.socket) if args.socket else socket_path(_state_dir_of(args.config))
+        path = Path(args.socket) if args.socket else find_socket(_state_dir_of(args.config))
         reply = query(path)
     except StatusUnavailable as err:
         print(f"pvgate status: {err}", file=sys.stderr)
@@ -353,4 +374,4 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 __all__ = ["SOCKET_NAME", "StatusServer", "StatusUnavailable", "add_command", "cmd_status", "format_status",
-           "query", "socket_path"]
+           "query", "socket_path", "find_socket"]

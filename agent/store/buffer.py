@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent import private
 from agent.logutil import RateLimitedLog
 from agent.store import alarms, lineage, opening, readonly, restamp, schema, sql
 from agent.store.lineage import Lineage
@@ -73,7 +74,7 @@ class Buffer:
         self._rl = RateLimitedLog(log, window_s=60.0)
         self.resets = 0  # damaged files replaced while running
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private.prepare_database(self.path)  # 0600, with its -wal and -shm
             self.start_events = self._open()
         except (OSError, sqlite3.Error) as err:
             raise StorageError(f"cannot open buffer {self.path}: {err}") from err

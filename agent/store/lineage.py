@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent import private
+
 log = logging.getLogger(__name__)
 
 LEASE = 10_000  # seqs granted per write of the side file
@@ -76,7 +78,7 @@ def write(buffer_path: Path, lineage: Lineage) -> bool:
     path = side_path(buffer_path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with private.open_text(tmp) as fh:
             json.dump(asdict(lineage), fh, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import private
 from agent.store import lineage, sql
 from agent.store.lineage import Lineage
 from agent.store.rows import record_row
@@ -82,6 +83,7 @@ def quarantine(path: Path, problem: str) -> Damage:
         if src.exists():
             os.replace(src, Path(f"{target}{suffix}"))
     _fsync_dir(path.parent)
+    private.prepare_database(path)  # the fresh buffer is owner-only too
     last, epoch = peek(target)
     log.error("device=_site buffer %s is damaged (%s): set aside as %s (last seq %s); a fresh buffer opens",
               path, problem, target, last if last is not None else "unreadable")

@@ -10,6 +10,11 @@ Every command has a time limit: the handler's own (``read`` 10 s, ``reload`` 30 
 backstop, COMMAND_LIMIT_S here. A command past the backstop gets an error reply, its worker is
 left to finish alone (its late answer is discarded) and a fresh worker takes the next request.
 At most MAX_WAITING requests wait; more get an immediate "busy" reply.
+
+A flood (a thousand requests a second from a broken or hostile client) must cost neither the
+polling nor the uplink: requests beyond COMMANDS_PER_S (burst COMMAND_BURST) are counted in
+``dropped`` and not run, and the error replies to refused requests ("rate limited", "busy") are
+themselves limited to ERROR_REPLIES_PER_S, so the reply topic does not echo the flood.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ log = logging.getLogger(__name__)
 COMMAND_LIMIT_S = 45.0
 MAX_WAITING = 32
 MAX_ID_BYTES = 4096
+COMMANDS_PER_S = 10.0
+COMMAND_BURST = 30
+ERROR_REPLIES_PER_S = 1.0
 
 Reply = tuple[str, dict[str, Any]]
 Handler = Callable[[str, bytes], Reply | None]
@@ -48,12 +56,33 @@ def error_reply(name: str, payload: bytes, error: str) -> Reply:
                   "error": error}
 
 
+class TokenBucket:
+    """rate tokens a second, at most burst saved up; take() spends one if there is one."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.last = burst, clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class CommandRunner:
-    def __init__(self, handler: Handler, limit_s: float = COMMAND_LIMIT_S) -> None:
+    def __init__(self, handler: Handler, limit_s: float = COMMAND_LIMIT_S, rate: float = COMMANDS_PER_S,
+                 burst: int = COMMAND_BURST, error_rate: float = ERROR_REPLIES_PER_S) -> None:
         self.handler = handler
         self.limit_s = limit_s
         self.timed_out = 0
         self.busy = 0
+        self.dropped = 0  # requests not run: over the rate or with too many waiting
+        self._admit = TokenBucket(rate, burst)
+        self._errors = TokenBucket(error_rate, max(1.0, error_rate))
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._replies: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -64,13 +93,25 @@ class CommandRunner:
 
     def submit(self, name: str, payload: bytes) -> None:
         """From paho's on_message: queue, never block."""
+        if not self._admit.take():
+            self._refuse(name, payload, f"rate limited: more than {self._admit.rate:g} commands a second; "
+                                        "this one was not run")
+            return
         if self._queue.qsize() >= MAX_WAITING:
             self.busy += 1
-            self._replies.append(error_reply(name, payload, f"busy: {MAX_WAITING} commands are waiting"))
+            self._refuse(name, payload, f"busy: {MAX_WAITING} commands are waiting")
             return
         self._queue.put((name, payload))
         if self._worker is None:
             self._start_worker()
+
+    def _refuse(self, name: str, payload: bytes, error: str) -> None:
+        self.dropped += 1
+        if self._errors.take():
+            if self.dropped > 1:
+                error += f" ({self.dropped} dropped since start)"
+            self._replies.append(error_reply(name[:64], payload, error))
+            log.warning("device=_site command %s dropped: %s", name[:64], error)
 
     def poll(self) -> list[Reply]:
         """Replies ready to publish; a command past its time limit is answered here."""
