@@ -36,7 +36,7 @@ BAD = [
 
 def test_every_schema_is_valid_and_listed_in_the_index() -> None:
     index = json.loads((SCHEMAS / "index.json").read_text(encoding="utf-8"))
-    listed = set(index["topics"].values()) | {index["shared"], "index.json"}
+    listed = set(index["topics"].values()) | set(index["editors"].values()) | {index["shared"], "index.json"}
     for path in SCHEMAS.glob("*.json"):
         assert path.name in listed, f"{path.name} is not in index.json"
         if path.name != "index.json":
