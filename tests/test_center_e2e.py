@@ -1,4 +1,4 @@
-"""The center's side over real parts: a private PostgreSQL, mosquitto, four stations (pvgate-sim
+"""The center's side over real parts: a private PostgreSQL, mosquitto, five stations (pvgate-sim
 and pvgate run each) and two pvgate-center workers on one shared subscription. Through a broker
 outage, kill -9 of a worker and of an agent, and a gap forced into one station's buffer (rows
 deleted before they were sent, unannounced), the database ends with every record of every
@@ -25,7 +25,7 @@ from support.procs import Proc
 from support.schemas import validate_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.contract]
-SITES = ["east-1", "east-2", "west-1", "west-2"]
+SITES = ["east-1", "east-2", "west-1", "west-2", "north-1"]
 DEV = [SimDev("inv01", 1, "huawei-sun2000")]
 FORCED, KILLED = "west-1", "east-2"
 
