@@ -106,7 +106,7 @@ def test_night_option_and_file_key(tmp_path: Path) -> None:
 
     base = {"config": None, "listen": "tcp://127.0.0.1:1", "device": ["1:huawei-sun2000", "11:chint-dtsu666"],
             "fault": [], "turnaround": [], "speed": None, "start": None, "timezone": None, "control": None,
-            "profiles": []}
+            "profiles": [], "chaos": None}
     spec = _spec(argparse.Namespace(**base, night=[]))
     assert [d.night for d in spec.listeners[0].devices] == ["silent", "silent"]
     spec = _spec(argparse.Namespace(**base, night=["standby"]))
