@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from support.chain import SimDev, start_agent, start_sim, write_site
-from support.postgres import Postgres
 from support.ports import free_port
+from support.postgres import Postgres
 from support.procs import Proc
 from support.schemas import validate_all
 

@@ -280,7 +280,6 @@ def test_daylight_from_the_location_or_six_to_six() -> None:
 
 
 def test_the_report_command_checks_its_date() -> None:
-    from typing import Any
 
     from agent.uplink.commands import CommandHandler
 

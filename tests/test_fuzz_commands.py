@@ -10,10 +10,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_commands import _FakeAgent
 
 from agent.uplink.cmdrunner import CommandRunner, TokenBucket
 from agent.uplink.commands import COMMANDS, MAX_COMMAND_BYTES, CommandHandler
-from test_commands import _FakeAgent
 
 FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

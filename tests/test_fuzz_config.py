@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_config import BASE, MAP_HEAD, REPO
+from test_config import env as env  # noqa: F401 - the fixture
 
 from agent.config import load_site
 from drivers.errors import ConfigError
-from test_config import BASE, MAP_HEAD, REPO
-from test_config import env as env  # noqa: F401 - the fixture
 
 FUZZ = settings(max_examples=150, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

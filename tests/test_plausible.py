@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_config import MAP_HEAD, expect, site_with_map
+from test_config import env as env  # noqa: F401 - the fixture
 
 from drivers.decode import decode_points
 from drivers.model import DataType, Point, Table
 from support.chain import SimDev, sim_cmd, write_site
 from support.ports import free_port
-from test_config import MAP_HEAD, expect, site_with_map
-from test_config import env as env  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_config import REPO, expect, pvgate, with_mqtt, write
+from test_config import env as env  # noqa: F401 - the fixture
 
 from support.broker import Broker, require_mosquitto
 from support.chain import SimDev, readings, start_agent, start_sim, write_site
 from support.collector import Collector, publish
 from support.ports import free_port
 from support.procs import ProcRegistry
-from test_config import REPO, expect, pvgate, with_mqtt, write
-from test_config import env as env  # noqa: F401 - the fixture
 
 SECRET = "Kx7-known-Pa55-Zq"
 SITE = "sec"

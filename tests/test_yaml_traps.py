@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from drivers.yamlsrc import load_text
 from test_config import BASE, L_DEV_INV_INTERVAL, L_DEV_METER_UNIT, MAP_HEAD, edit, expect, site_with_map, write
 from test_config import env as env  # noqa: F401 - the fixture
+
+from drivers.yamlsrc import load_text
 
 
 def test_address_with_leading_zero_is_refused(tmp_path: Path, env: dict[str, str]) -> None:
