@@ -13,9 +13,10 @@ from agent.config.model import (
     BufferConfig,
     SiteConfig,
     SiteInfo,
+    StatusPageConfig,
 )
 from agent.config.site import format_problems, load_site
 from agent.uplink.settings import MqttConfig, TlsConfig
 
-__all__ = ["DEFAULT_SITE_FILE", "DEFAULT_STATE_DIR", "EX_CONFIG", "AgentConfig", "BufferConfig", "MqttConfig", "SiteConfig", "SiteInfo",
+__all__ = ["DEFAULT_SITE_FILE", "DEFAULT_STATE_DIR", "EX_CONFIG", "AgentConfig", "BufferConfig", "MqttConfig", "SiteConfig", "SiteInfo", "StatusPageConfig",
            "TlsConfig", "format_problems", "load_site"]

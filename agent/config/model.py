@@ -23,6 +23,9 @@ class SiteInfo:
     # site.meter_tolerance: the share by which the meter's export may differ from the inverters'
     # sum in a day before the daily report flags it (docs/energy.md)
     meter_tolerance: float = 0.05
+    # site.language: the language of what people read (check, status, the status page, the
+    # acceptance report); None follows the locale (agent/i18n.py)
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,16 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class StatusPageConfig:
+    """status_page: the read-only web page on the gateway's LAN (off unless the section is there)."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # basic auth from status_page.auth_file ("user:password", owner/group-only); None: no login
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     file: str
     site: SiteInfo
@@ -53,6 +66,7 @@ class SiteConfig:
     agent: AgentConfig
     links: tuple[Link, ...]
     devices: tuple[Device, ...]
+    status_page: StatusPageConfig | None = None
 
     def link(self, link_id: str) -> Link:
         return next(link for link in self.links if link.id == link_id)

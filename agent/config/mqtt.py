@@ -145,23 +145,28 @@ def _not_public(value: str, node: LDict, key: str, path: str, chk: Checker) -> b
     return True
 
 
+def secret_file(node: LDict, file_key: str, path: str, chk: Checker) -> str | None:
+    """The text of a secret file: readable, not world-readable, UTF-8, not empty; None after a problem."""
+    name = chk.get(node, file_key, path, str, None)
+    if name is None or not _readable(name, node, file_key, path, chk) or not _not_public(name, node, file_key, path, chk):
+        return None
+    try:
+        secret = Path(name).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} cannot be read as UTF-8 text: {err}")
+        return None
+    if not secret:
+        chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} is empty")
+        return None
+    return secret
+
+
 def _secret(node: LDict, key: str, file_key: str, path: str, chk: Checker) -> str | None:
     """A secret given inline as ${ENV} or in a file; plain text inline is refused (it ends up in backups and screenshots)."""
     if key in node and file_key in node:
         chk.problem(chk.line_of(node, key), f"{path}.{key}", f"give either {key} or {file_key}, not both")
     if file_key in node:
-        name = chk.get(node, file_key, path, str, None)
-        if name is None or not _readable(name, node, file_key, path, chk) or not _not_public(name, node, file_key, path, chk):
-            return None
-        try:
-            secret = Path(name).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} cannot be read as UTF-8 text: {err}")
-            return None
-        if not secret:
-            chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} is empty")
-            return None
-        return secret
+        return secret_file(node, file_key, path, chk)
     if key not in node:
         return None
     value = node[key]

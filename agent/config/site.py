@@ -11,22 +11,31 @@ import re
 from pathlib import Path
 
 from agent.config.links import devices_section, links_section
-from agent.config.model import DEFAULT_STATE_DIR, AgentConfig, BufferConfig, SiteConfig, SiteInfo
-from agent.config.mqtt import mqtt_section
+from agent.config.model import (
+    DEFAULT_STATE_DIR,
+    AgentConfig,
+    BufferConfig,
+    SiteConfig,
+    SiteInfo,
+    StatusPageConfig,
+)
+from agent.config.mqtt import check_host, mqtt_section, secret_file
+from agent.i18n import LANGUAGES
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError
 from drivers.yamlsrc import Checker, LDict, load_file
 
 SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
-TOP_KEYS = ("site", "mqtt", "buffer", "links", "devices", "agent")
-SITE_KEYS = ("id", "name", "timezone", "capacity_kwp", "location", "meter_tolerance")
+TOP_KEYS = ("site", "mqtt", "buffer", "links", "devices", "agent", "status_page")
+SITE_KEYS = ("id", "name", "timezone", "capacity_kwp", "location", "meter_tolerance", "language")
 LOCATION_KEYS = ("lat", "lon")
 MQTT_KEYS = ("host", "port", "tls", "username", "password", "password_file", "topic_prefix",
              "client_id", "keepalive", "batch_max", "inflight", "protocol", "max_message_kb",
              "resend_kb_per_min")
 BUFFER_KEYS = ("path", "max_mb", "keep_sent_days", "commit_interval", "min_free_mb")
 AGENT_KEYS = ("state_dir", "health_interval", "log_level", "clock_sync")
+STATUS_PAGE_KEYS = ("host", "port", "auth_file")
 
 
 def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteConfig:
@@ -55,8 +64,9 @@ def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteCo
     links, declared = links_section(root, chk)
     devices = devices_section(root, chk, {link.id: link for link in links}, declared, library,
                        path.resolve().parent)
+    page = _status_page(root, chk)
     chk.raise_if_any()
-    return SiteConfig(str(path), site, mqtt, buffer, agent, tuple(links), tuple(devices))
+    return SiteConfig(str(path), site, mqtt, buffer, agent, tuple(links), tuple(devices), page)
 
 
 def _is_mapping(root: LDict, key: str) -> bool:
@@ -91,8 +101,9 @@ def _site(node: LDict, chk: Checker, present: bool) -> SiteInfo:
     if tol is not None and not 0 < tol < 1:
         chk.problem(chk.line_of(node, "meter_tolerance"), "site.meter_tolerance",
                     "expected a share between 0 and 1 (e.g. 0.05: meter and inverters may differ by 5 % a day)")
+    lang = chk.choice(node, "language", "site", LANGUAGES, None)
     return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap, lat, lon,
-                    tol if tol is not None and 0 < tol < 1 else 0.05)
+                    tol if tol is not None and 0 < tol < 1 else 0.05, lang)
 
 
 def _location(node: LDict, chk: Checker) -> tuple[float | None, float | None]:
@@ -145,6 +156,28 @@ def _buffer(node: LDict, chk: Checker, state_dir: str) -> BufferConfig:
     if free < 0:
         chk.problem(chk.line_of(node, "min_free_mb"), "buffer.min_free_mb", "expected 0 or more (MB)")
     return BufferConfig(path, max_mb, keep, commit, free)
+
+
+def _status_page(root: LDict, chk: Checker) -> StatusPageConfig | None:
+    """status_page: off unless the section is there; loopback unless a host is given."""
+    if "status_page" not in root:
+        return None
+    node = _section(root, "status_page", STATUS_PAGE_KEYS, chk)
+    host = chk.get(node, "host", "status_page", str, "127.0.0.1") or "127.0.0.1"
+    check_host(host, node, "status_page", chk)
+    port = chk.get(node, "port", "status_page", int, 8080)
+    if port is not None and not 1 <= port <= 65535:
+        chk.problem(chk.line_of(node, "port"), "status_page.port", "expected a TCP port, 1..65535 (e.g. 8080)")
+    user = password = None
+    if "auth_file" in node:
+        secret = secret_file(node, "auth_file", "status_page", chk)
+        if secret is not None:
+            user, sep, password = secret.partition(":")
+            if not sep or not user or not password:
+                chk.problem(chk.line_of(node, "auth_file"), "status_page.auth_file",
+                            "expected one line user:password (the login for the status page)")
+                user = password = None
+    return StatusPageConfig(host, port or 8080, user, password)
 
 
 def format_problems(err: ConfigError) -> str:
