@@ -16,7 +16,7 @@ import time
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 
-from agent.config import SiteConfig, load_site
+from agent.config import SiteConfig, StatusPageConfig, load_site
 from agent.poller import LinkWorker
 from agent.service.sdnotify import SdNotifier
 from agent.store.writer import BufferWriter
@@ -34,6 +34,10 @@ class Busy(Protocol):
     def status_line(self) -> str: ...
 
 
+class PageHost(Protocol):
+    async def apply(self, cfg: StatusPageConfig | None) -> None: ...
+
+
 class ReloadHost(Protocol):
     """What a reload changes and uses in the running agent (agent.service.runtime.Agent)."""
 
@@ -42,6 +46,9 @@ class ReloadHost(Protocol):
     publisher: Publisher
     writer: BufferWriter
     notifier: SdNotifier
+
+    @property
+    def web(self) -> PageHost: ...
 
     @property
     def supervision(self) -> Busy: ...
@@ -142,6 +149,7 @@ class Reloader:
                           "the running configuration is kept", origin)
                 return {"ok": False, "error": "invalid MQTT settings; the running configuration is kept",
                         "problems": [str(p) for p in err.problems]}
+        await self.agent.web.apply(new_cfg.status_page)  # also retries a port that was taken
         if new_cfg == old:
             log.info("device=_site reload (%s): %s unchanged", origin, path)
             return {"ok": True, "changed": False, "restart_needed": restart_needed, **self._summary()}

@@ -49,6 +49,7 @@ from agent.service.sdnotify import SdNotifier
 from agent.service.status import StatusServer, socket_path
 from agent.service.supervision import Supervision
 from agent.service.timekeeping import Timekeeper
+from agent.service.web import StatusPageServer
 from agent.store.buffer import Buffer
 from agent.store.writer import BufferWriter
 from agent.uplink.commands import CommandHandler
@@ -77,6 +78,7 @@ class Agent:
         self.commands = CommandHandler(self)
         self.publisher = self.make_publisher(cfg)
         self.status_server = StatusServer(socket_path(cfg.agent.state_dir), self._status_request)
+        self.web = StatusPageServer(self)  # the status page (agent/service/web.py), off unless configured
         self.missed_ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
@@ -206,6 +208,7 @@ class Agent:
             self.start_workers()
             self.start_scheduler(poll_now=[d.id for d in self.cfg.devices])
             await self.status_server.start()
+            await self.web.apply(self.cfg.status_page)
             self.spawn(self.supervision.heartbeat(), "heartbeat")
             self.spawn(self.timekeeper.run(self.schedule.realign), "clock")
             self.supervision.arm_test_wedge()
@@ -309,6 +312,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.status_server.stop()
+        await self.web.stop()
         await self.stop_workers()
         await loop.run_in_executor(None, self.writer.stop)
         await loop.run_in_executor(None, self.publisher.stop, STOP_GRACE_S)
