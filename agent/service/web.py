@@ -136,6 +136,8 @@ class StatusPageServer:
         if cfg == self.cfg and (cfg is None or self.listening):
             return
         await self.stop()
+        if cfg is None and self.cfg is not None:
+            log.info("device=_site status page off (no status_page section in the site file)")
         self.cfg = cfg
         self.power.clear()
         if cfg is not None:
