@@ -37,6 +37,7 @@ LABELS: Final[dict[str, str]] = {
     "uplink": N_("Uplink (MQTT)"),
     "connected": N_("connected"),
     "not_connected": N_("not connected"),
+    "connected_h": N_("Connected"),
     "buffer": N_("Buffer"),
     "unsent": N_("{0} unsent"),
     "oldest_unsent": N_("oldest unsent {0}"),
