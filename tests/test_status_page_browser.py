@@ -39,7 +39,8 @@ def chromium() -> str:
         return found
     if in_ci() or os.geteuid() == 0:
         pytest.fail("chromium not found: `./dev test` installs it (apt-get install chromium)", pytrace=False)
-    pytest.skip("chromium not found and not root to install it: sudo apt-get install chromium (or run ./dev test as root)")
+    pytest.skip("chromium not found and not root to install it: "
+                "sudo apt-get install chromium (or run ./dev test as root)")
 
 
 def artifacts() -> Path:
