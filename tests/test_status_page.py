@@ -157,6 +157,8 @@ def test_routes_methods_and_limits(tmp_path: Path) -> None:
         many = raw(port, b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(60)) + b"\r\n")
         assert many.startswith(b"HTTP/1.1 431 "), many[:80]
         assert raw(port, b"HELLO\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        fields = "&".join(f"k{i}=v" for i in range(20)).encode()
+        assert raw(port, b"GET /?" + fields + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
         assert server.requests >= 12
 
     serve(cfg, body)

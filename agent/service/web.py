@@ -188,9 +188,13 @@ class StatusPageServer:
             writer.write(self._encode(reply, head_only))
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
             if reply.status in (400, 431):
+                if writer.can_write_eof():
+                    writer.write_eof()  # the client sees the end of the answer and hangs up
                 await _discard(reader)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as err:
             log.debug("device=_site status page client went away: %s", err)
+        except Exception as err:  # a request must never take the agent down, nor fill its log
+            self._rl.warning("page-serve", "device=_site status page: request failed: %s", err)
         finally:
             self._connections -= 1
             writer.close()
@@ -215,8 +219,12 @@ class StatusPageServer:
             if not sep or not name or name != name.strip():
                 raise BadRequest(400, "malformed header line")
             headers[name.lower()] = value.strip()
-        target = urlsplit(match.group(2))
-        return Request(match.group(1), target.path, parse_qs(target.query, max_num_fields=10), headers)
+        try:
+            target = urlsplit(match.group(2))
+            query = parse_qs(target.query, max_num_fields=10)
+        except ValueError:
+            raise BadRequest(400, "malformed request target") from None
+        return Request(match.group(1), target.path, query, headers)
 
     async def _answer(self, request: Request) -> Reply:
         cfg = self.cfg
