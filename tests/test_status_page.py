@@ -285,13 +285,15 @@ def test_agent_page_matches_pvgate_status_and_follows_reloads(
     mark = agent.mark()
     agent.send_signal(signal.SIGHUP)
     agent.wait_for_line(rf"status page on http://127.0.0.1:{other}/", timeout=15, since=mark)
-    agent.wait_for_line(r"reload \(SIGHUP\) applied", timeout=15, since=mark)
+    agent.wait_for_line(r"reload \(SIGHUP\) applied .*: only the status page changed", timeout=15, since=mark)
+    assert agent.find_line(r"applied .*: \d+ links, \d+ devices", since=mark) is None  # workers not rebuilt
     assert listening_ports(agent.pid) >= {other} and page not in listening_ports(agent.pid)
 
     site.write_text(site.read_text(encoding="utf-8").split("\nstatus_page:")[0] + "\n", encoding="utf-8")
     mark = agent.mark()
     agent.send_signal(signal.SIGHUP)
     agent.wait_for_line(r"status page off", timeout=15, since=mark)
+    agent.wait_for_line(r"reload \(SIGHUP\) applied .*: only the status page changed", timeout=15, since=mark)
     assert other not in listening_ports(agent.pid), agent.tail(15)
     assert agent.terminate() == 0
 

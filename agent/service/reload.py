@@ -153,6 +153,11 @@ class Reloader:
         if new_cfg == old:
             log.info("device=_site reload (%s): %s unchanged", origin, path)
             return {"ok": True, "changed": False, "restart_needed": restart_needed, **self._summary()}
+        if dataclasses.replace(new_cfg, status_page=old.status_page) == old:
+            self.agent.cfg = new_cfg  # only the page changed: polling goes on untouched
+            log.info("device=_site reload (%s) applied %s: only the status page changed", origin, path)
+            return {"ok": True, "changed": True, "devices_added": [], "devices_removed": [], "devices_changed": [],
+                    "restart_needed": restart_needed, **self._summary()}
         diff = _diff_devices(old, new_cfg)
         await self._apply(new_cfg)
         for did in diff["added"]:
