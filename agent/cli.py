@@ -12,7 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent import __version__
-from agent.config import DEFAULT_SITE_FILE, EX_CONFIG, SiteConfig, format_problems, load_site
+from agent import i18n
+from agent.config import DEFAULT_SITE_FILE, EX_CONFIG, SiteConfig, format_problems, load_site, site_language
+from agent.i18n import _
 from agent.logutil import setup as setup_logging
 from drivers.errors import ConfigError, PvgateError, StorageError
 
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return EX_USAGE
+    choose_language(args)
     try:
         code: int = args.func(args)
         return code
@@ -49,9 +52,31 @@ def main(argv: list[str] | None = None) -> int:
         return EX_OK
 
 
+def choose_language(args: argparse.Namespace) -> str:
+    """What the command speaks: --lang, else the site file's site.language, else the locale.
+
+    The site file is read leniently for it, before the command loads it: `check` of a file with
+    problems reports them in the file's language too. Logs stay English whatever this says."""
+    lang: str | None = getattr(args, "lang", None)
+    config = getattr(args, "config", None)
+    if lang is None and isinstance(config, str) and config:
+        lang = site_language(config)
+    return i18n.set_language(lang)
+
+
+def _lang(text: str) -> str:
+    lang = i18n.normalize(text)
+    if lang is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(i18n.LANGUAGES)}")
+    return lang
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvgate", description="Edge data logger for PV stations: Modbus -> buffer -> MQTT")
     p.add_argument("--version", action="version", version=f"pvgate {__version__}")
+    p.add_argument("--lang", type=_lang, default=None, metavar="LANG",
+                   help="language of what the command prints: zh-CN or en (default: the site file's "
+                        "site.language, else the locale)")
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent (what systemd starts)")
@@ -122,17 +147,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _print_summary(cfg: SiteConfig) -> None:
-    print(f"{cfg.file}: OK — site {cfg.site.id} ({cfg.site.name}), broker {cfg.mqtt.host}:{cfg.mqtt.port}"
-          f"{' TLS' if cfg.mqtt.tls else ''}, buffer {cfg.buffer.path} (max {cfg.buffer.max_mb:g} MB)")
+    print(_("{file}: OK — site {site} ({name}), broker {host}:{port}{tls}, buffer {buffer} (max {max_mb:g} MB)")
+          .format(file=cfg.file, site=cfg.site.id, name=cfg.site.name, host=cfg.mqtt.host, port=cfg.mqtt.port,
+                  tls=" TLS" if cfg.mqtt.tls else "", buffer=cfg.buffer.path, max_mb=cfg.buffer.max_mb))
     for link in cfg.links:
         devs = cfg.devices_on(link.id)
-        print(f"  link {link.id} ({link.type.value} {link.endpoint}): {len(devs)} device(s)")
+        print(_("  link {link} ({type} {endpoint}): {n} device(s)").format(
+            link=link.id, type=link.type.value, endpoint=link.endpoint, n=len(devs)))
         for d in devs:
-            print(f"    {d.id}: unit {d.unit}, {d.profile.id}, every {d.interval_s:g}s, {len(d.profile.points)} points")
+            print(_("    {device}: unit {unit}, {profile}, every {interval:g}s, {n} points").format(
+                device=d.id, unit=d.unit, profile=d.profile.id, interval=d.interval_s, n=len(d.profile.points)))
     from agent.commission.budget import budget_warnings
 
     for warning in budget_warnings(cfg):
-        print(f"  warning: {warning}")
+        print(_("  warning: {warning}").format(warning=warning))
 
 
 def _open_buffer(args: argparse.Namespace) -> "tuple[SiteConfig, sqlite3.Connection]":

@@ -20,7 +20,7 @@ from agent.config.model import (
     StatusPageConfig,
 )
 from agent.config.mqtt import check_host, mqtt_section, secret_file
-from agent.i18n import LANGUAGES
+from agent.i18n import LANGUAGES, _, ngettext, normalize
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import N_, ConfigError
 from drivers.yamlsrc import Checker, LDict, load_file
@@ -181,6 +181,20 @@ def _status_page(root: LDict, chk: Checker) -> StatusPageConfig | None:
 
 
 def format_problems(err: ConfigError) -> str:
-    lines = [str(p) for p in err.problems]
+    """Every problem, located, in the current language (agent.i18n), and how many there are."""
+    lines = [p.text(_) for p in err.problems]
     n = len(lines)
-    return "\n".join(lines + [f"{n} problem{'s' if n != 1 else ''} found; nothing was started."])
+    return "\n".join(lines + [ngettext("{n} problem found; nothing was started.",
+                                        "{n} problems found; nothing was started.", n).format(n=n)])
+
+
+def site_language(path: str | Path) -> str | None:
+    """site.language of a site file, read leniently: the file may have problems the language is
+    needed to report. None when it sets none, or the file is not readable YAML."""
+    try:
+        data = load_file(Path(path))
+    except ConfigError:
+        return None
+    site = data.get("site") if isinstance(data, dict) else None
+    lang = site.get("language") if isinstance(site, dict) else None
+    return normalize(lang) if isinstance(lang, str) else None
