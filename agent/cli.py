@@ -56,9 +56,12 @@ def choose_language(args: argparse.Namespace) -> str:
     """What the command speaks: --lang, else the site file's site.language, else the locale.
 
     The site file is read leniently for it, before the command loads it: `check` of a file with
-    problems reports them in the file's language too. Logs stay English whatever this says."""
+    problems reports them in the file's language too. `run` writes to the journal, which stays
+    English (what a developer greps), unless --lang says otherwise."""
     lang: str | None = getattr(args, "lang", None)
     config = getattr(args, "config", None)
+    if lang is None and getattr(args, "func", None) is cmd_run:
+        lang = "en"
     if lang is None and isinstance(config, str) and config:
         lang = site_language(config)
     return i18n.set_language(lang)

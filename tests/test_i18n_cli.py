@@ -154,6 +154,12 @@ def test_a_file_that_is_not_yaml_is_reported_in_the_locales_language(tmp_path: P
     assert site_language(broken_site(tmp_path, "zh-CN")) == "zh-CN"
 
 
+def test_run_reports_problems_to_the_journal_in_english(tmp_path: Path) -> None:
+    out = pvgate("run", "-c", str(broken_site(tmp_path, "zh-CN")), lang="zh_CN.UTF-8")
+    assert out.returncode == 78
+    assert out.stderr.splitlines()[-1] == "6 problems found; nothing was started."
+
+
 def test_no_locale_is_english(tmp_path: Path) -> None:
     out = pvgate("check", "-c", str(broken_site(tmp_path)))
     assert out.stderr.splitlines()[-1] == "6 problems found; nothing was started."
