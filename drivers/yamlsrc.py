@@ -372,9 +372,8 @@ def _kind(value: Any) -> Msg:
         return Msg(N_("nothing") if value is None else N_("a mapping") if isinstance(value, dict) else N_("a list"))
     if isinstance(value, bool):
         return Msg(N_("true/false ({value!r})"), value=value)
-    if isinstance(value, str):
-        return Msg(N_("text {value!r}"), value=value)
-    return Msg("{type} {value!r}", type=type(value).__name__, value=value)
+    kinds = {str: N_("text {value!r}"), int: N_("int {value!r}"), float: N_("float {value!r}")}
+    return Msg(kinds.get(type(value), "{type} {value!r}"), type=type(value).__name__, value=value)
 
 
 _YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
