@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import string
 import subprocess
 import sys
 import unicodedata
@@ -18,6 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from babel.messages.pofile import read_po
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_config import BASE
+from test_fuzz_config import scalars
 
 from agent import i18n
 from agent.commission import budget, scan
@@ -197,6 +203,52 @@ def test_a_broken_translation_falls_back_to_english() -> None:
     problem = Problem.of("site.yaml", 3, "mqtt.port", msg)
     assert str(problem) == "site.yaml:3: mqtt.port: expected a whole number, got text 'x'"
     assert problem == Problem("site.yaml", 3, "mqtt.port", str(msg))  # equal whatever carries the template
+
+
+def strict_render(msg: Msg, translate: Callable[[str], str]) -> str:
+    """Msg.render without its fall-back to English: a translation that does not fit raises here."""
+    args = {k: strict_render(v, translate) if isinstance(v, Msg) else v for k, v in msg.params.items()}
+    text = translate(msg.template)
+    return text.format(**args) if msg.params else text
+
+
+def specs(text: str) -> list[tuple[str, str, str]]:
+    return sorted((name, spec or "", conv or "") for _lit, name, spec, conv in string.Formatter().parse(text)
+                  if name is not None)
+
+
+def test_every_translation_has_the_same_placeholders_formats_and_conversions() -> None:
+    """{load:.0%} stays {load:.0%} and {id!r} stays {id!r}: a different spec would print other figures."""
+    with (Path(i18n.__file__).parent / "locale/zh_CN/LC_MESSAGES/pvgate.po").open("rb") as f:
+        catalog = read_po(f, locale="zh_CN")
+    for msg in catalog:
+        if not msg.id:
+            continue
+        ids = list(msg.id) if isinstance(msg.id, (tuple, list)) else [msg.id]
+        strings = list(msg.string) if isinstance(msg.string, (tuple, list)) else [msg.string]
+        for english in ids:  # Chinese has one plural form for both English ones
+            assert specs(str(english)) == specs(str(strings[0])), (english, strings)
+
+
+@settings(max_examples=120, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(line=st.integers(0, len(BASE.splitlines()) - 1), value=scalars)
+def test_any_problem_renders_in_chinese_at_the_same_place(tmp_path_factory: pytest.TempPathFactory, line: int,
+                                                          value: str) -> None:
+    lines = BASE.splitlines()
+    key, sep, _rest = lines[line].partition(":")
+    lines[line] = f"{key}{sep} {value}" if sep else f"{lines[line]} {value}"
+    path = tmp_path_factory.mktemp("zh") / "site.yaml"
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogatepass"))
+    try:
+        load_site(path)
+    except ConfigError as err:
+        zh = i18n.translator("zh-CN").gettext
+        for p in err.problems:
+            chinese = p.text(zh)
+            assert chinese.startswith(p.text().removesuffix(p.message)), (str(p), chinese)
+            if p.msg is not None:
+                strict_render(p.msg, zh)
 
 
 # -- plan --------------------------------------------------------------------------------------
