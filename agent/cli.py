@@ -26,6 +26,8 @@ EX_CANTCREAT = 73
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _early_language(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -67,6 +69,21 @@ def choose_language(args: argparse.Namespace) -> str:
     return i18n.set_language(lang)
 
 
+def _early_language(argv: list[str]) -> None:
+    """The language of --help and of argparse's own errors, before argparse has read the line:
+    --lang or the site file's site.language, as choose_language decides after parsing."""
+    lang = config = None
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--lang" or arg.startswith("--lang="):
+            lang = arg.partition("=")[2] or nxt
+        elif arg in ("-c", "--config") or arg.startswith("--config="):
+            config = arg.partition("=")[2] or nxt
+    if i18n.normalize(lang) is None and config:
+        lang = site_language(config)
+    i18n.set_language(lang)
+
+
 def _lang(text: str) -> str:
     lang = i18n.normalize(text)
     if lang is None:
@@ -75,23 +92,24 @@ def _lang(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pvgate", description="Edge data logger for PV stations: Modbus -> buffer -> MQTT")
+    p = argparse.ArgumentParser(prog="pvgate", description=_("Edge data logger for PV stations: Modbus -> buffer -> MQTT"))
     p.add_argument("--version", action="version", version=f"pvgate {__version__}")
     p.add_argument("--lang", type=_lang, default=None, metavar="LANG",
-                   help="language of what the command prints: zh-CN or en (default: the site file's "
-                        "site.language, else the locale)")
+                   help=_("language of what the command prints: zh-CN or en (default: the site file's "
+                          "site.language, else the locale)"))
     sub = p.add_subparsers(metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the agent (what systemd starts)")
+    run = sub.add_parser("run", help=_("run the agent (what systemd starts)"))
     run.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="validate the site file and its device maps")
-    check.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
-    check.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
+    check = sub.add_parser("check", help=_("validate the site file and its device maps"))
+    check.add_argument("-c", "--config", default=DEFAULT_SITE_FILE,
+                       help=_("site file (default {path})").format(path=DEFAULT_SITE_FILE))
+    check.add_argument("-q", "--quiet", action="store_true", help=_("print nothing when the file is valid"))
     check.set_defaults(func=cmd_check)
 
-    buf = sub.add_parser("buffer", help="buffer statistics, CSV export, salvage of a damaged file")
+    buf = sub.add_parser("buffer", help=_("buffer statistics, CSV export, salvage of a damaged file"))
     buf.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     bsub = buf.add_subparsers(metavar="ACTION")
     stats = bsub.add_parser("stats", help="rows, unsent, oldest unsent, size (read-only)")
@@ -110,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     salvage.set_defaults(func=cmd_buffer_salvage)
     buf.set_defaults(func=cmd_buffer_stats)
 
-    demo = sub.add_parser("demo", help="simulator + agent + broker + live view, on this machine")
+    demo = sub.add_parser("demo", help=_("simulator + agent + broker + live view, on this machine"))
     demo.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
     demo.add_argument("--speed", type=float, default=60.0, help="simulator clock speed (default 60x)")
     demo.add_argument("--dir", default=None, help="working directory (default: a temporary one)")

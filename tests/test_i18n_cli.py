@@ -166,6 +166,15 @@ def test_run_reports_problems_to_the_journal_in_english(tmp_path: Path) -> None:
     assert out.stderr.splitlines()[-1] == "6 problems found; nothing was started."
 
 
+def test_help_follows_the_language(tmp_path: Path) -> None:
+    zh = pvgate("--lang", "zh-CN", "check", "--help")
+    assert zh.returncode == 0 and "站点文件（默认 /etc/pvgate/site.yaml）" in zh.stdout, zh.stdout
+    site = broken_site(tmp_path, "zh-CN")
+    plan = pvgate("plan", "-c", str(site), "--help", lang="C")
+    assert "设备开始应答所需的时间" in plan.stdout, plan.stdout
+    assert "validate the site file and its device maps" in pvgate("--help", lang="C").stdout
+
+
 def test_no_locale_is_english(tmp_path: Path) -> None:
     out = pvgate("check", "-c", str(broken_site(tmp_path)))
     assert out.stderr.splitlines()[-1] == "6 problems found; nothing was started."

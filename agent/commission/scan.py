@@ -48,12 +48,12 @@ MAX_EVIDENCE = 6
 
 
 def add_commands(sub: Any) -> None:
-    scan = sub.add_parser("scan", help="find the units on a link and suggest a device map for each")
+    scan = sub.add_parser("scan", help=_("find the units on a link and suggest a device map for each"))
     add_link_options(scan)
     scan.add_argument("--units", type=_units, default=list(range(1, 248)), metavar="LIST",
-                      help="unit ids: 1-247 (default), 1,2,11 or 1-10,20")
-    scan.add_argument("--thorough", action="store_true", help="also probe units silent on the first read")
-    scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+                      help=_("unit ids: 1-247 (default), 1,2,11 or 1-10,20"))
+    scan.add_argument("--thorough", action="store_true", help=_("also probe units silent on the first read"))
+    scan.add_argument("-q", "--quiet", action="store_true", help=_("no progress bar"))
     scan.set_defaults(func=cmd_scan)
 
     add_read(sub)

@@ -342,14 +342,14 @@ def _head_lines(st: dict[str, Any]) -> list[str]:
 
 def add_command(sub: Any) -> None:
     """Register `pvgate status` on the CLI's subparsers."""
-    p = sub.add_parser("status", help="what the running agent is doing (links, devices, values, buffer)")
+    p = sub.add_parser("status", help=_("what the running agent is doing (links, devices, values, buffer)"))
     p.add_argument("-c", "--config", default=None,
-                   help="site file; its agent.state_dir locates the agent's socket")
+                   help=_("site file; its agent.state_dir locates the agent's socket"))
     p.add_argument("--socket", default=None,
-                   help=f"the agent's status socket (default: $PVGATE_RUNTIME_DIR/{SOCKET_NAME}, "
-                        f"/run/pvgate/{SOCKET_NAME} for the installed service, else STATE_DIR/{SOCKET_NAME})")
-    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    p.add_argument("--no-values", action="store_true", help="leave out the devices' last values")
+                   help=_("the agent's status socket (default: $PVGATE_RUNTIME_DIR/{name}, /run/pvgate/{name} "
+                          "for the installed service, else STATE_DIR/{name})").format(name=SOCKET_NAME))
+    p.add_argument("--json", action="store_true", help=_("print the raw status as JSON"))
+    p.add_argument("--no-values", action="store_true", help=_("leave out the devices' last values"))
     p.set_defaults(func=cmd_status)
 
 
