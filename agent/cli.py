@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except ConfigError as err:
-        print(format_problems(err), file=sys.stderr)
+        # `run` writes to the journal, which stays English (what a developer greps) unless --lang says otherwise.
+        journal = args.func is cmd_run and args.lang is None
+        print(format_problems(err, "en" if journal else None), file=sys.stderr)
         return EX_CONFIG
     except StorageError as err:
         print(f"pvgate: {err}", file=sys.stderr)
@@ -58,12 +60,9 @@ def choose_language(args: argparse.Namespace) -> str:
     """What the command speaks: --lang, else the site file's site.language, else the locale.
 
     The site file is read leniently for it, before the command loads it: `check` of a file with
-    problems reports them in the file's language too. `run` writes to the journal, which stays
-    English (what a developer greps), unless --lang says otherwise."""
+    problems reports them in the file's language too."""
     lang: str | None = getattr(args, "lang", None)
     config = getattr(args, "config", None)
-    if lang is None and getattr(args, "func", None) is cmd_run:
-        lang = "en"
     if lang is None and isinstance(config, str) and config:
         lang = site_language(config)
     return i18n.set_language(lang)

@@ -20,7 +20,7 @@ from agent.config.model import (
     StatusPageConfig,
 )
 from agent.config.mqtt import check_host, mqtt_section, secret_file
-from agent.i18n import LANGUAGES, _, ngettext, normalize
+from agent.i18n import LANGUAGES, _, ngettext, normalize, translator
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import N_, ConfigError
 from drivers.yamlsrc import Checker, LDict, load_file
@@ -180,12 +180,13 @@ def _status_page(root: LDict, chk: Checker) -> StatusPageConfig | None:
     return StatusPageConfig(host, port or 8080, user, password)
 
 
-def format_problems(err: ConfigError) -> str:
-    """Every problem, located, in the current language (agent.i18n), and how many there are."""
-    lines = [p.text(_) for p in err.problems]
+def format_problems(err: ConfigError, lang: str | None = None) -> str:
+    """Every problem, located, and how many there are: in lang, or the current language (agent.i18n)."""
+    gettext, plural = (translator(lang).gettext, translator(lang).ngettext) if lang else (_, ngettext)
+    lines = [p.text(gettext) for p in err.problems]
     n = len(lines)
-    return "\n".join(lines + [ngettext("{n} problem found; nothing was started.",
-                                        "{n} problems found; nothing was started.", n).format(n=n)])
+    return "\n".join(lines + [plural("{n} problem found; nothing was started.",
+                                      "{n} problems found; nothing was started.", n).format(n=n)])
 
 
 def site_language(path: str | Path) -> str | None:
