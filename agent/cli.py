@@ -12,7 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent import __version__
-from agent.config import DEFAULT_SITE_FILE, EX_CONFIG, SiteConfig, format_problems, load_site
+from agent import i18n
+from agent.config import DEFAULT_SITE_FILE, EX_CONFIG, SiteConfig, format_problems, load_site, site_language
+from agent.i18n import _
 from agent.logutil import setup as setup_logging
 from drivers.errors import ConfigError, PvgateError, StorageError
 
@@ -24,16 +26,21 @@ EX_CANTCREAT = 73
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _early_language(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return EX_USAGE
+    choose_language(args)
     try:
         code: int = args.func(args)
         return code
     except ConfigError as err:
-        print(format_problems(err), file=sys.stderr)
+        # `run` writes to the journal, which stays English (what a developer greps) unless --lang says otherwise.
+        journal = args.func is cmd_run and args.lang is None
+        print(format_problems(err, "en" if journal else None), file=sys.stderr)
         return EX_CONFIG
     except StorageError as err:
         print(f"pvgate: {err}", file=sys.stderr)
@@ -49,21 +56,59 @@ def main(argv: list[str] | None = None) -> int:
         return EX_OK
 
 
+def choose_language(args: argparse.Namespace) -> str:
+    """What the command speaks: --lang, else the site file's site.language, else the locale.
+
+    The site file is read leniently for it, before the command loads it: `check` of a file with
+    problems reports them in the file's language too."""
+    lang: str | None = getattr(args, "lang", None)
+    config = getattr(args, "config", None)
+    if lang is None and isinstance(config, str) and config:
+        lang = site_language(config)
+    return i18n.set_language(lang)
+
+
+def _early_language(argv: list[str]) -> None:
+    """The language of --help and of argparse's own errors, before argparse has read the line:
+    --lang or the site file's site.language, as choose_language decides after parsing."""
+    lang = config = None
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--lang" or arg.startswith("--lang="):
+            lang = arg.partition("=")[2] or nxt
+        elif arg in ("-c", "--config") or arg.startswith("--config="):
+            config = arg.partition("=")[2] or nxt
+    if i18n.normalize(lang) is None and config:
+        lang = site_language(config)
+    i18n.set_language(lang)
+
+
+def _lang(text: str) -> str:
+    lang = i18n.normalize(text)
+    if lang is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(i18n.LANGUAGES)}")
+    return lang
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pvgate", description="Edge data logger for PV stations: Modbus -> buffer -> MQTT")
+    p = argparse.ArgumentParser(prog="pvgate", description=_("Edge data logger for PV stations: Modbus -> buffer -> MQTT"))
     p.add_argument("--version", action="version", version=f"pvgate {__version__}")
+    p.add_argument("--lang", type=_lang, default=None, metavar="LANG",
+                   help=_("language of what the command prints: zh-CN or en (default: the site file's "
+                          "site.language, else the locale)"))
     sub = p.add_subparsers(metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the agent (what systemd starts)")
+    run = sub.add_parser("run", help=_("run the agent (what systemd starts)"))
     run.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="validate the site file and its device maps")
-    check.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
-    check.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
+    check = sub.add_parser("check", help=_("validate the site file and its device maps"))
+    check.add_argument("-c", "--config", default=DEFAULT_SITE_FILE,
+                       help=_("site file (default {path})").format(path=DEFAULT_SITE_FILE))
+    check.add_argument("-q", "--quiet", action="store_true", help=_("print nothing when the file is valid"))
     check.set_defaults(func=cmd_check)
 
-    buf = sub.add_parser("buffer", help="buffer statistics, CSV export, salvage of a damaged file")
+    buf = sub.add_parser("buffer", help=_("buffer statistics, CSV export, salvage of a damaged file"))
     buf.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
     bsub = buf.add_subparsers(metavar="ACTION")
     stats = bsub.add_parser("stats", help="rows, unsent, oldest unsent, size (read-only)")
@@ -82,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     salvage.set_defaults(func=cmd_buffer_salvage)
     buf.set_defaults(func=cmd_buffer_stats)
 
-    demo = sub.add_parser("demo", help="simulator + agent + broker + live view, on this machine")
+    demo = sub.add_parser("demo", help=_("simulator + agent + broker + live view, on this machine"))
     demo.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
     demo.add_argument("--speed", type=float, default=60.0, help="simulator clock speed (default 60x)")
     demo.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
@@ -122,17 +167,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _print_summary(cfg: SiteConfig) -> None:
-    print(f"{cfg.file}: OK — site {cfg.site.id} ({cfg.site.name}), broker {cfg.mqtt.host}:{cfg.mqtt.port}"
-          f"{' TLS' if cfg.mqtt.tls else ''}, buffer {cfg.buffer.path} (max {cfg.buffer.max_mb:g} MB)")
+    print(_("{file}: OK — site {site} ({name}), broker {host}:{port}{tls}, buffer {buffer} (max {max_mb:g} MB)")
+          .format(file=cfg.file, site=cfg.site.id, name=cfg.site.name, host=cfg.mqtt.host, port=cfg.mqtt.port,
+                  tls=" TLS" if cfg.mqtt.tls else "", buffer=cfg.buffer.path, max_mb=cfg.buffer.max_mb))
     for link in cfg.links:
         devs = cfg.devices_on(link.id)
-        print(f"  link {link.id} ({link.type.value} {link.endpoint}): {len(devs)} device(s)")
+        print(_("  link {link} ({type} {endpoint}): {n} device(s)").format(
+            link=link.id, type=link.type.value, endpoint=link.endpoint, n=len(devs)))
         for d in devs:
-            print(f"    {d.id}: unit {d.unit}, {d.profile.id}, every {d.interval_s:g}s, {len(d.profile.points)} points")
+            print(_("    {device}: unit {unit}, {profile}, every {interval:g}s, {n} points").format(
+                device=d.id, unit=d.unit, profile=d.profile.id, interval=d.interval_s, n=len(d.profile.points)))
     from agent.commission.budget import budget_warnings
 
     for warning in budget_warnings(cfg):
-        print(f"  warning: {warning}")
+        print(_("  warning: {warning}").format(warning=warning))
 
 
 def _open_buffer(args: argparse.Namespace) -> "tuple[SiteConfig, sqlite3.Connection]":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.codec import SENTINEL_SETS
-from drivers.errors import ConfigError
+from drivers.errors import N_, ConfigError
 from drivers.model import DataType, DeviceMap, Point, Table, WordOrder
 from drivers.pointfields import plausible_range, valid_when
 from drivers.yamlsrc import Checker, LDict, load_file
@@ -100,11 +100,11 @@ def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] 
         raise AssertionError("unreachable")
     map_id = chk.get(root, "id", "", str, required=True) or path.stem
     if not ID_RE.match(map_id):
-        chk.problem(chk.line_of(root, "id"), "id", "use lower-case letters, digits and '-'")
+        chk.problem(chk.line_of(root, "id"), "id", N_("use lower-case letters, digits and '-'"))
     elif expect_id is not None and map_id != expect_id:
         # Site files name maps by file; an id that differs would publish under another name.
         chk.problem(chk.line_of(root, "id"), "id",
-                    f"{map_id!r} differs from the file name {path.name}; make them the same")
+                    N_("{id!r} differs from the file name {file}; make them the same"), id=map_id, file=path.name)
     parent = _parent(root, chk, library, chain)
     defaults = _defaults(root, chk)
     read = chk.mapping(root.get("read", LDict()), "read", chk.line_of(root, "read"),
@@ -121,10 +121,10 @@ def load_device_map(path: Path, library: ProfileLibrary, chain: tuple[str, ...] 
     if read is not None:
         max_block = chk.get(read, "max_block", "read", int, max_block)
         if not 1 <= max_block <= 125:
-            chk.problem(chk.line_of(read, "max_block"), "read.max_block", "expected 1..125")
+            chk.problem(chk.line_of(read, "max_block"), "read.max_block", N_("expected 1..125"))
         max_gap = chk.get(read, "max_gap", "read", int, max_gap)
         if max_gap < 0:
-            chk.problem(chk.line_of(read, "max_gap"), "read.max_gap", "expected 0 or more registers")
+            chk.problem(chk.line_of(read, "max_gap"), "read.max_gap", N_("expected 0 or more registers"))
         holes += _holes(read, chk, defaults)
     chk.raise_if_any()
     return DeviceMap(
@@ -147,15 +147,16 @@ def _parent(root: LDict, chk: Checker, library: ProfileLibrary, chain: tuple[str
         return None
     line = chk.line_of(root, "extends")
     if name in chain:
-        chk.problem(line, "extends", f"circular: {' -> '.join(chain + (name,))}")
+        chk.problem(line, "extends", N_("circular: {chain}"), chain=' -> '.join(chain + (name,)))
         return None
     try:
         return library.get(name, chain)
     except KeyError:
-        chk.problem(line, "extends", f"no device map {name!r}; known: {', '.join(library.ids())}")
+        chk.problem(line, "extends", N_("no device map {id!r}; known: {known}"), id=name,
+                    known=', '.join(library.ids()))
     except ConfigError as err:
         chk.problems.extend(err.problems)
-        chk.problem(line, "extends", f"device map {name!r} has errors (above)")
+        chk.problem(line, "extends", N_("device map {id!r} has errors (above)"), id=name)
     return None
 
 
@@ -182,7 +183,7 @@ def _defaults(root: LDict, chk: Checker) -> dict[str, Any]:
             out["invalid"] = value
         else:
             chk.problem(chk.line_of(node, "invalid"), "defaults.invalid",
-                        f"expected none, {', '.join(SENTINEL_SETS)}, a raw number or a list of raw numbers")
+                        N_("expected none, {sets}, a raw number or a list of raw numbers"), sets=', '.join(SENTINEL_SETS))
     return out
 
 
@@ -195,14 +196,16 @@ def _points(node: Any, chk: Checker, defaults: dict[str, Any], root: LDict,
         if point is None:
             continue
         if point.key in seen:
-            chk.problem(line, f"points[{i}].key", f"duplicate key {point.key!r} (first at line {seen[point.key]})")
+            chk.problem(line, f"points[{i}].key", N_("duplicate key {key!r} (first at line {first})"),
+                        key=point.key, first=seen[point.key])
             continue
         seen[point.key] = line
         out.append(point)
     known = {p.key for p in out}
     for p in out:
         if p.scale_factor is not None and p.scale_factor not in known:
-            chk.problem(seen[p.key], f"points.{p.key}.scale_factor", f"no point {p.scale_factor!r} in this map")
+            chk.problem(seen[p.key], f"points.{p.key}.scale_factor", N_("no point {key!r} in this map"),
+                        key=p.scale_factor)
     return out
 
 
@@ -232,11 +235,12 @@ def _point(item: Any, path: str, line: int, chk: Checker, defaults: dict[str, An
     before = len(chk.problems)
     key = chk.get(node, "key", path, str, required=True)
     if key is not None and not KEY_RE.match(key):
-        chk.problem(chk.line_of(node, "key"), f"{path}.key", "use snake_case: a-z, 0-9 and _")
+        chk.problem(chk.line_of(node, "key"), f"{path}.key", N_("use snake_case: a-z, 0-9 and _"))
     table = TABLES[chk.choice(node, "table", path, TABLES, defaults["table"]) or "holding"]
     type_name = chk.choice(node, "type", path, TYPE_NAMES, None)
     if type_name is None and "type" not in node:
-        chk.problem(node.line, f"{path}.type", f"required key is missing; one of {', '.join(TYPE_NAMES)}")
+        chk.problem(node.line, f"{path}.type", N_("required key is missing; one of {types}"),
+                    types=', '.join(TYPE_NAMES))
     dtype = DataType.parse(type_name) if type_name else DataType.U16
     address = chk.get(node, "address", path, int, required=True)
     if address is not None:
@@ -244,14 +248,15 @@ def _point(item: Any, path: str, line: int, chk: Checker, defaults: dict[str, An
     count = _count(node, path, chk, dtype, table)
     if address is not None and not 0 <= address <= 65535:
         shift = int(defaults.get("address_offset", 0))
-        note = f" after defaults.address_offset {shift}" if shift else ""
-        chk.problem(chk.line_of(node, "address"), f"{path}.address", f"expected 0..65535 (0-based PDU address){note}")
+        chk.problem(chk.line_of(node, "address"), f"{path}.address",
+                    N_("expected 0..65535 (0-based PDU address) after defaults.address_offset {shift}") if shift
+                    else N_("expected 0..65535 (0-based PDU address)"), shift=shift)
     elif address is not None and address + count > 65536:
         chk.problem(chk.line_of(node, "address"), f"{path}.address",
-                    f"the point's {count} registers run past 65535")
+                    N_("the point's {count} registers run past 65535"), count=count)
     scale = chk.get(node, "scale", path, float, 1.0)
     if scale == 0:
-        chk.problem(chk.line_of(node, "scale"), f"{path}.scale", "must not be 0")
+        chk.problem(chk.line_of(node, "scale"), f"{path}.scale", N_("must not be 0"))
     word = chk.choice(node, "word_order", path, ("big", "little"), defaults["word_order"])
     byte = chk.choice(node, "byte_order", path, ("big", "little"), defaults["byte_order"])
     point = Point(
@@ -276,16 +281,17 @@ def _count(node: LDict, path: str, chk: Checker, dtype: DataType, table: Table) 
     if table.is_bit:
         bits: int = chk.get(node, "count", path, int, 1)
         if not 1 <= bits <= 2000:
-            chk.problem(chk.line_of(node, "count"), f"{path}.count", "expected 1..2000 bits")
+            chk.problem(chk.line_of(node, "count"), f"{path}.count", N_("expected 1..2000 bits"))
             return 1
         return bits
     if dtype is DataType.STRING:
         count = chk.get(node, "count", path, int, None, required=True)
         if count is not None and not 1 <= count <= 125:
-            chk.problem(chk.line_of(node, "count"), f"{path}.count", "expected 1..125 registers")
+            chk.problem(chk.line_of(node, "count"), f"{path}.count", N_("expected 1..125 registers"))
         return count or 1
     if "count" in node and node["count"] != dtype.words:
-        chk.problem(chk.line_of(node, "count"), f"{path}.count", f"{dtype.name_} is always {dtype.words} register(s)")
+        chk.problem(chk.line_of(node, "count"), f"{path}.count", N_("{type} is always {words} register(s)"),
+                    type=dtype.name_, words=dtype.words)
     return dtype.words
 
 
@@ -300,7 +306,7 @@ def _invalid(node: LDict, path: str, chk: Checker, dtype: DataType, defaults: di
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
         return tuple(value)
     chk.problem(chk.line_of(node, "invalid"), f"{path}.invalid",
-                "expected none, sunspec, max, a raw number or a list of raw numbers")
+                N_("expected none, sunspec, max, a raw number or a list of raw numbers"))
     return ()
 
 
@@ -309,7 +315,7 @@ def _code_table(node: LDict, key: str, path: str, chk: Checker) -> tuple[tuple[i
         return ()
     table = node[key]
     if not isinstance(table, dict) or not all(isinstance(k, str) and _int(k) is not None for k in table):
-        chk.problem(chk.line_of(node, key), f"{path}.{key}", "expected a mapping of numbers to texts")
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", N_("expected a mapping of numbers to texts"))
         return ()
     return tuple(sorted((_int(k) or 0, str(v)) for k, v in table.items()))
 
@@ -338,7 +344,7 @@ def _holes(read: LDict, chk: Checker, defaults: dict[str, Any]) -> list[tuple[Ta
         if first is None or last is None:
             continue
         if last < first:
-            chk.problem(chk.line_of(node, "to"), f"{path}.to", f"must not be below from ({first})")
+            chk.problem(chk.line_of(node, "to"), f"{path}.to", N_("must not be below from ({first})"), first=first)
             continue
         out.append((table, first + shift, last + shift))
     return out
@@ -359,7 +365,7 @@ def _check_conditions(points: list[Point], lines: dict[str, int], chk: Checker) 
         state = p.valid_when[0]
         if state == p.key or state not in keys:
             chk.problem(lines[p.key], f"points.{p.key}.valid_when.point",
-                        f"no other point {state!r} in this map")
+                        N_("no other point {key!r} in this map"), key=state)
 
 
 def _check_overlaps(points: list[Point], lines: dict[str, int], chk: Checker, parent_id: str) -> None:
@@ -371,9 +377,12 @@ def _check_overlaps(points: list[Point], lines: dict[str, int], chk: Checker, pa
             # The parent's own overlaps were reported when it was loaded; only this file's count.
             if p.key in lines or widest.key in lines:
                 here, other = (p, widest) if p.key in lines else (widest, p)
-                origin = "" if other.key in lines else f" (from {parent_id})"
                 chk.problem(lines[here.key], f"points.{here.key}",
-                            f"registers {here.address}..{here.end - 1} overlap {other.key!r}{origin} "
-                            f"({other.address}..{other.end - 1}) in the {p.table.name.lower()} table")
+                            N_("registers {first}..{last} overlap {other!r} ({other_first}..{other_last}) in the "
+                               "{table} table") if other.key in lines else
+                            N_("registers {first}..{last} overlap {other!r} (from {parent}) ({other_first}..{other_last}) "
+                               "in the {table} table"),
+                            first=here.address, last=here.end - 1, other=other.key, parent=parent_id,
+                            other_first=other.address, other_last=other.end - 1, table=p.table.name.lower())
         if widest is None or widest.table is not p.table or p.end > widest.end:
             widest = p

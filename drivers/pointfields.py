@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from drivers.errors import N_
 from drivers.yamlsrc import Checker, LDict
 
 
@@ -19,7 +20,7 @@ def valid_when(node: LDict, path: str, chk: Checker) -> tuple[str, tuple[int, ..
     if not isinstance(codes, list) or not codes or not all(
             isinstance(c, int) and not isinstance(c, bool) for c in codes):
         chk.problem(chk.line_of(cond, "in") if "in" in cond else cond.line, f"{path}.valid_when.in",
-                    "expected a non-empty list of raw codes, e.g. [0x5500, 0x9100]")
+                    N_("expected a non-empty list of raw codes, e.g. [0x5500, 0x9100]"))
         return None
     return (key, tuple(codes)) if key else None
 
@@ -35,6 +36,6 @@ def plausible_range(node: LDict, path: str, chk: Checker) -> tuple[float, float]
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
     if not ok or value[0] >= value[1]:
         chk.problem(chk.line_of(node, "range"), f"{path}.range",
-                    "expected [MIN, MAX] in the point's unit, two numbers with MIN < MAX, e.g. [-5, 110]")
+                    N_("expected [MIN, MAX] in the point's unit, two numbers with MIN < MAX, e.g. [-5, 110]"))
         return None
     return float(value[0]), float(value[1])

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from drivers.errors import ConfigError, Problem
+from drivers.errors import N_, ConfigError, Msg, Problem
 
 T = TypeVar("T")
 
@@ -65,7 +65,7 @@ class _Loader(yaml.SafeLoader):
     }
 
     def __init__(self, stream: str) -> None:
-        self.number_problems: list[tuple[int, str]] = []
+        self.number_problems: list[tuple[int, Msg]] = []
         self.aliases = 0
         super().__init__(stream)
 
@@ -104,17 +104,21 @@ def _bool(loader: _Loader, node: yaml.ScalarNode) -> bool:
 def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
     text = str(loader.construct_scalar(node))
     if len(text) > MAX_DIGITS:
-        loader.number_problems.append((node.start_mark.line + 1, f"a number of {len(text)} digits; "
-                                       f"nothing here needs more than {MAX_DIGITS}"))
+        loader.number_problems.append((node.start_mark.line + 1, Msg(
+            N_("a number of {digits} digits; nothing here needs more than {most}"),
+            digits=len(text), most=MAX_DIGITS)))
         return 0
     if text.startswith(("0x", "0o")):
         return int(text[2:], 16 if text[1] == "x" else 8)
     if _LEADING_ZERO.match(text):
         digits = text.lstrip("+-")
-        octal = f" as octal {int(digits, 8)}" if set(digits) <= set("01234567") else ""
-        loader.number_problems.append((node.start_mark.line + 1, (
-            f"{text}: a number with a leading zero is ambiguous (YAML 1.1 tools read it{octal}, a manual "
-            f"may mean hex); write {int(text)}, or 0x{digits} if it is hex")))
+        octal = set(digits) <= set("01234567")
+        loader.number_problems.append((node.start_mark.line + 1, Msg(
+            N_("{text}: a number with a leading zero is ambiguous (YAML 1.1 tools read it as octal {octal}, a manual "
+               "may mean hex); write {decimal}, or 0x{digits} if it is hex") if octal else
+            N_("{text}: a number with a leading zero is ambiguous (YAML 1.1 tools read it, a manual may mean hex); "
+               "write {decimal}, or 0x{digits} if it is hex"),
+            text=text, octal=int(digits, 8) if octal else 0, decimal=int(text), digits=digits)))
     return int(text)
 
 
@@ -139,7 +143,7 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> LDict:
     for key_node, value_node in node.value:
         line = key_node.start_mark.line + 1
         if not isinstance(key_node, yaml.ScalarNode):
-            loader.number_problems.append((line, "a key cannot be a list or a mapping"))
+            loader.number_problems.append((line, Msg(N_("a key cannot be a list or a mapping"))))
             continue
         key = str(loader.construct_object(key_node, deep=True))
         if key in out:
@@ -162,12 +166,12 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _sequence)
 
 # What a technician can do about PyYAML's terse parser messages.
 _YAML_HINTS = (
-    ("'\\t'", "indent with spaces, not tabs"),
-    ("mapping values are not allowed", "a ':' inside a value? put the value in quotes; else check the indentation"),
-    ("expected <block end>", "check this line's indentation against the lines above"),
-    ("while scanning a quoted scalar", "a quote is not closed"),
-    ("while parsing a flow", "a [ or { is not closed, or a ',' is missing"),
-    ("found unhashable key", "a key cannot be a list or a mapping"),
+    ("'\\t'", N_("indent with spaces, not tabs")),
+    ("mapping values are not allowed", N_("a ':' inside a value? put the value in quotes; else check the indentation")),
+    ("expected <block end>", N_("check this line's indentation against the lines above")),
+    ("while scanning a quoted scalar", N_("a quote is not closed")),
+    ("while parsing a flow", N_("a [ or {brace} is not closed, or a ',' is missing")),
+    ("found unhashable key", N_("a key cannot be a list or a mapping")),
 )
 
 
@@ -181,19 +185,20 @@ def load_text(text: str, file: str) -> Any:
         raise ConfigError([_syntax_problem(err, text, file)]) from err
     except yaml.reader.ReaderError as err:
         code = ord(err.character) if isinstance(err.character, str) else int(err.character)
-        raise ConfigError([Problem(file, text.count("\n", 0, err.position) + 1, "", f"not valid YAML: character "
-                                   f"U+{code:04X} is not allowed (binary data? a control character?)")]) from err
+        raise ConfigError([Problem.of(file, text.count("\n", 0, err.position) + 1, "", Msg(N_(
+            "not valid YAML: character U+{code:04X} is not allowed (binary data? a control character?)"),
+            code=code))]) from err
     except yaml.YAMLError as err:
-        raise ConfigError([Problem(file, 1, "", f"not valid YAML: {err}")]) from err
+        raise ConfigError([Problem.of(file, 1, "", Msg(N_("not valid YAML: {problem}"), problem=str(err)))]) from err
     except RecursionError as err:
         line = loader.line + 1 if loader is not None else 1
-        raise ConfigError([Problem(file, line, "", "nested too deeply (brackets or indentation); "
-                                                   "a site file or device map is a few levels deep")]) from err
+        raise ConfigError([Problem.of(file, line, "", Msg(N_(
+            "nested too deeply (brackets or indentation); a site file or device map is a few levels deep")))]) from err
     finally:
         if loader is not None:
             loader.dispose()
     if loader.number_problems:
-        raise ConfigError([Problem(file, line, "", msg) for line, msg in loader.number_problems])
+        raise ConfigError([Problem.of(file, line, "", msg) for line, msg in loader.number_problems])
     return data
 
 
@@ -207,39 +212,41 @@ def _syntax_problem(err: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
             and err.context_mark is not None and err.context_mark.index < end):
         mark = err.context_mark
     line = min(mark.line + 1, last_line) if mark is not None else 0
-    message = f"not valid YAML: {err.problem or err}"
+    # PyYAML's own words (err.problem, err.context) stay English; what pvgate adds is translated.
+    message = Msg(N_("not valid YAML: {problem}"), problem=str(err.problem or err))
     if err.context and err.context_mark is not None and err.context_mark is not mark:
-        message += f" ({err.context} at line {min(err.context_mark.line + 1, last_line)})"
+        message = Msg(N_("{message} ({context} at line {line})"), message=message, context=err.context,
+                      line=min(err.context_mark.line + 1, last_line))
     found = f"{err.problem or ''} {err.context or ''}"
     hints = [hint for needle, hint in _YAML_HINTS if needle in found]
     if hints:
-        message += f"; {hints[0]}"
-    return Problem(file, line, "", message)
+        message = Msg(N_("{message}; {hint}"), message=message, hint=Msg(hints[0], brace="{"))
+    return Problem.of(file, line, "", message)
 
 
 def load_file(path: Path) -> Any:
     try:
         if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
-            raise ConfigError([Problem(str(path), 0, "", f"{path.stat().st_size} bytes: far too large for a site "
-                                       f"file or device map (at most {MAX_FILE_BYTES // 1048576} MiB); is it the right file?")])
+            raise ConfigError([Problem.of(str(path), 0, "", Msg(N_(
+                "{size} bytes: far too large for a site file or device map (at most {most} MiB); is it the right file?"),
+                size=path.stat().st_size, most=MAX_FILE_BYTES // 1048576))])
         data = path.read_bytes()
     except FileNotFoundError as err:
-        raise ConfigError([Problem(str(path), 0, "", "file not found")]) from err
+        raise ConfigError([Problem.of(str(path), 0, "", Msg(N_("file not found")))]) from err
     except IsADirectoryError as err:
-        raise ConfigError([Problem(str(path), 0, "", "is a directory, not a file")]) from err
+        raise ConfigError([Problem.of(str(path), 0, "", Msg(N_("is a directory, not a file")))]) from err
     except OSError as err:
-        raise ConfigError([Problem(str(path), 0, "", f"cannot read: {err.strerror or err}")]) from err
+        raise ConfigError([Problem.of(str(path), 0, "", Msg(N_("cannot read: {reason}"),
+                                                             reason=str(err.strerror or err)))]) from err
     try:
         # utf-8-sig: Windows Notepad starts UTF-8 files with a byte-order mark.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         # Chinese Windows editors save GBK by default; name the line and the way out.
         line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError([Problem(
-            str(path), line, "",
-            f"not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8 "
-            "(e.g. Notepad: Save as, Encoding UTF-8)",
-        )]) from err
+        raise ConfigError([Problem.of(str(path), line, "", Msg(N_(
+            "not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8 (e.g. Notepad: Save as, Encoding UTF-8)"),
+            byte=data[err.start]))]) from err
     return load_text(text, str(path))
 
 
@@ -265,8 +272,10 @@ class Checker:
         self.file = file
         self.problems: list[Problem] = []
 
-    def problem(self, line: int, path: str, message: str) -> None:
-        self.problems.append(Problem(self.file, line, path, message))
+    def problem(self, line: int, path: str, message: str | Msg, **params: Any) -> None:
+        """A problem at line; message is an English template (marked N_) filled from params, or a Msg."""
+        msg = message if isinstance(message, Msg) else Msg(message, **params)
+        self.problems.append(Problem.of(self.file, line, path, msg))
 
     def raise_if_any(self) -> None:
         if self.problems:
@@ -275,27 +284,25 @@ class Checker:
     def mapping(self, node: Any, path: str, line: int, allowed: Iterable[str]) -> LDict | None:
         """node as a mapping whose keys are all allowed; None (and a problem) otherwise."""
         if not isinstance(node, LDict):
-            self.problem(line, path, f"expected a mapping, got {_kind(node)}")
+            self.problem(line, path, N_("expected a mapping, got {got}"), got=_kind(node))
             return None
         allowed = tuple(allowed)
         for key, kline in node.duplicates:
-            self.problem(kline, _join(path, key), "duplicate key (YAML would keep only the last)")
+            self.problem(kline, _join(path, key), N_("duplicate key (YAML would keep only the last)"))
         for key in node:
             if key not in allowed:
                 # Most unknown keys are typos ("adress", "baud_rate"): name the likely one.
                 close = difflib.get_close_matches(key.lower(), allowed, n=1, cutoff=0.7)
-                guess = f"did you mean {close[0]!r}? " if close else ""
-                self.problem(
-                    node.key_lines.get(key, node.line),
-                    _join(path, key),
-                    f"unknown key; {guess}allowed here: {', '.join(allowed)}",
-                )
+                msg = (N_("unknown key; did you mean {guess!r}? allowed here: {allowed}") if close
+                       else N_("unknown key; allowed here: {allowed}"))
+                self.problem(node.key_lines.get(key, node.line), _join(path, key), msg,
+                             guess=close[0] if close else "", allowed=", ".join(allowed))
         return node
 
     def sequence(self, node: Any, path: str, line: int) -> Iterator[tuple[int, Any, int]]:
         """(index, item, line) of a sequence; a problem if node is not one."""
         if not isinstance(node, LList):
-            self.problem(line, path, f"expected a list, got {_kind(node)}")
+            self.problem(line, path, N_("expected a list, got {got}"), got=_kind(node))
             return
         yield from ((i, item, node.item_lines[i]) for i, item in enumerate(node))
 
@@ -310,12 +317,12 @@ class Checker:
         kind: type[T] | tuple[type, ...],
         default: T | None = None,
         required: bool = False,
-        expected: str = "",
+        expected: str | Msg = "",
     ) -> Any:
         """node[key] checked against kind; default when absent; a problem when wrong."""
         if key not in node:
             if required:
-                self.problem(node.line, _join(path, key), "required key is missing")
+                self.problem(node.line, _join(path, key), N_("required key is missing"))
             return default
         value = node[key]
         ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
@@ -323,9 +330,8 @@ class Checker:
             ok, value = True, float(value)
         if not ok:
             want = expected or _kind_name(kind)
-            self.problem(
-                node.key_lines[key], _join(path, key), f"expected {want}, got {_kind(value)}{_hint(kind, value)}"
-            )
+            self.problem(node.key_lines[key], _join(path, key), N_("expected {want}, got {got}{hint}"),
+                         want=want, got=_kind(value), hint=_hint(kind, value))
             return default
         return value
 
@@ -333,13 +339,11 @@ class Checker:
         self, node: LDict, key: str, path: str, choices: Iterable[str], default: str | None
     ) -> str | None:
         choices = tuple(choices)
-        value = self.get(node, key, path, str, default, expected="one of " + ", ".join(choices))
+        value = self.get(node, key, path, str, default, expected=Msg(N_("one of {choices}"), choices=", ".join(choices)))
         if value is not None and value not in choices:
-            self.problem(
-                self.line_of(node, key),
-                _join(path, key),
-                f"{value!r} is not allowed; expected one of {', '.join(choices)}",
-            )
+            self.problem(self.line_of(node, key), _join(path, key),
+                         N_("{value!r} is not allowed; expected one of {choices}"),
+                         value=value, choices=", ".join(choices))
             return default
         return value  # type: ignore[no-any-return]
 
@@ -350,13 +354,11 @@ class Checker:
             return default
         seconds = parse_duration(node[key])
         if seconds is None or seconds < minimum:
-            clock = isinstance(node[key], str) and ":" in node[key]
-            self.problem(
-                node.key_lines[key],
-                _join(path, key),
-                f"expected a duration such as 10s, 500ms or 1m (at least {minimum:g}s), "
-                f"got {node[key]!r}" + ("; h:mm or m:ss is not read as a duration, write 60s or 1m" if clock else ""),
-            )
+            msg = (N_("expected a duration such as 10s, 500ms or 1m (at least {minimum:g}s), got {value!r}; "
+                      "h:mm or m:ss is not read as a duration, write 60s or 1m") if isinstance(node[key], str)
+                   and ":" in node[key] else
+                   N_("expected a duration such as 10s, 500ms or 1m (at least {minimum:g}s), got {value!r}"))
+            self.problem(node.key_lines[key], _join(path, key), msg, minimum=minimum, value=node[key])
             return default
         return seconds
 
@@ -365,32 +367,33 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
+def _kind(value: Any) -> Msg:
+    if value is None or isinstance(value, (dict, list)):
+        return Msg(N_("nothing") if value is None else N_("a mapping") if isinstance(value, dict) else N_("a list"))
     if isinstance(value, bool):
-        return f"true/false ({value!r})"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"text {value!r}"
-    return f"{type(value).__name__} {value!r}"
+        return Msg(N_("true/false ({value!r})"), value=value)
+    kinds = {str: N_("text {value!r}"), int: N_("int {value!r}"), float: N_("float {value!r}")}
+    return Msg(kinds.get(type(value), "{type} {value!r}"), type=type(value).__name__, value=value)
 
 
 _YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
 
 
-def _hint(kind: type | tuple[type, ...], value: Any) -> str:
+def _hint(kind: type | tuple[type, ...], value: Any) -> Msg | str:
     """The way out of YAML 1.1 habits: yes/no/on/off are text here."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if bool in kinds and isinstance(value, str) and value.lower() in _YAML11_BOOLS:
-        return f"; write true or false ({value!r} is text in YAML 1.2, which pvgate reads)"
+        return Msg(N_("; write true or false ({value!r} is text in YAML 1.2, which pvgate reads)"), value=value)
     return ""
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
+_KIND_NAMES = {str: N_("text"), int: N_("a whole number"), float: N_("a number"), bool: N_("true or false")}
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> Msg:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+    out: Msg | None = None
+    for k in kinds:
+        name = Msg(_KIND_NAMES.get(k, k.__name__))
+        out = name if out is None else Msg(N_("{first} or {second}"), first=out, second=name)
+    return out or Msg("")

@@ -25,10 +25,11 @@ def catalog() -> object:
 
 
 def marked_messages() -> set[str]:
-    """Every message the code marks for translation, as `./dev i18n` extracts them."""
+    """Every message the code marks for translation, as `./dev i18n` extracts them (agent/ and drivers/)."""
     found: set[str] = set()
-    for _file, _line, message, _comments, _ctx in extract_from_dir(str(ROOT / "agent"), keywords=KEYWORDS):
-        found.add(message if isinstance(message, str) else message[0])
+    for top in ("agent", "drivers"):
+        for _file, _line, message, _comments, _ctx in extract_from_dir(str(ROOT / top), keywords=KEYWORDS):
+            found.add(message if isinstance(message, str) else message[0])
     return found
 
 

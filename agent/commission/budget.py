@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from agent.config import SiteConfig
+from agent.i18n import _
 from drivers.link import char_seconds as _char_seconds
 from drivers.link import data_chars
 from drivers.model import Block, Device, Link, LinkType
@@ -37,8 +38,8 @@ def char_seconds(link: Link) -> float:
 
 def baud_text(link: Link) -> str:
     if link.serial is not None:
-        return f"{link.serial.baudrate} baud"
-    return f"{DTU_BAUD} baud (assumed for the DTU's serial side)"
+        return _("{baud} baud").format(baud=link.serial.baudrate)
+    return _("{baud} baud (assumed for the DTU's serial side)").format(baud=DTU_BAUD)
 
 
 def transaction_seconds(block: Block, char_s: float, turnaround_s: float = TURNAROUND_S) -> float:
@@ -73,7 +74,7 @@ class LinkBudget:
     def dead_device_s(self) -> float:
         """What one device that stopped answering costs per poll before it is offline (worst case)."""
         worst = 0.0
-        for d, _ in self.devices:
+        for d, _s in self.devices:
             timeout = d.timeout if d.timeout is not None else self.link.timeout
             retries = d.retries if d.retries is not None else self.link.retries
             worst = max(worst, (1 + retries) * (timeout + self.link.inter_frame_s))
@@ -98,14 +99,19 @@ def budget_warnings(cfg: SiteConfig, turnaround_s: float = TURNAROUND_S) -> list
             continue
         # The shortest interval every device could share with 20 % of the bus left over.
         fits = b.cycle_s / WARN_LOAD
-        what = ("cannot be met: the bus is too slow for them" if b.load > 1.0 else
-                f"leave less than {1 - WARN_LOAD:.0%} of the bus for retries and probes of dead devices")
-        out.append(
-            f"link {link.id}: the poll intervals {what} — they need {b.load:.0%} of the bus time at "
-            f"{baud_text(link)}; one full cycle of its {len(b.devices)} device(s) takes at least "
-            f"{b.cycle_s:.2f} s on the wire (shortest interval {b.shortest_interval_s:g} s). Lengthen the "
-            f"intervals (all devices at {math.ceil(fits):d} s or more would fit), raise the baud rate, or move "
-            f"devices to another bus; `pvgate plan` shows every read")
+        text = (_("link {link}: the poll intervals cannot be met: the bus is too slow for them — they need "
+                  "{load:.0%} of the bus time at {baud}; one full cycle of its {n} device(s) takes at least "
+                  "{cycle:.2f} s on the wire (shortest interval {shortest:g} s). Lengthen the intervals (all "
+                  "devices at {fits:d} s or more would fit), raise the baud rate, or move devices to another "
+                  "bus; `pvgate plan` shows every read") if b.load > 1.0 else
+                _("link {link}: the poll intervals leave less than {spare:.0%} of the bus for retries and probes "
+                  "of dead devices — they need {load:.0%} of the bus time at {baud}; one full cycle of its {n} "
+                  "device(s) takes at least {cycle:.2f} s on the wire (shortest interval {shortest:g} s). "
+                  "Lengthen the intervals (all devices at {fits:d} s or more would fit), raise the baud rate, or "
+                  "move devices to another bus; `pvgate plan` shows every read"))
+        out.append(text.format(link=link.id, spare=1 - WARN_LOAD, load=b.load, baud=baud_text(link),
+                               n=len(b.devices), cycle=b.cycle_s, shortest=b.shortest_interval_s,
+                               fits=math.ceil(fits)))
     return out
 
 
@@ -114,30 +120,39 @@ def format_plan(cfg: SiteConfig, turnaround_s: float = TURNAROUND_S) -> str:
     for link in cfg.links:
         devices = cfg.devices_on(link.id)
         cs = char_seconds(link)
-        lines.append(f"link {link.id} ({link.type.value} {link.endpoint})")
+        lines.append(_("link {link} ({type} {endpoint})").format(link=link.id, type=link.type.value,
+                                                                  endpoint=link.endpoint))
         for d in devices:
             blocks = plan_device(d.profile)
-            regs = sum(b.count for b in blocks)
-            t = f", {device_cycle_seconds(d, link, turnaround_s) * 1000:.0f} ms on the wire" if cs else ""
-            lines.append(f"  {d.id} (unit {d.unit}, {d.profile.id}, every {d.interval_s:g}s): "
-                         f"{len(blocks)} read(s), {regs} registers{t}")
+            wire = _(", {ms:.0f} ms on the wire").format(ms=device_cycle_seconds(d, link, turnaround_s) * 1000)
+            lines.append(_("  {device} (unit {unit}, {profile}, every {interval:g}s): {reads} read(s), "
+                           "{registers} registers{wire}").format(
+                device=d.id, unit=d.unit, profile=d.profile.id, interval=d.interval_s, reads=len(blocks),
+                registers=sum(b.count for b in blocks), wire=wire if cs else ""))
             for b in blocks:
                 keys = ", ".join(p.key for p in b.points)
                 ms = f" {transaction_seconds(b, cs, turnaround_s) * 1000:4.0f} ms" if cs else ""
                 lines.append(f"    {b.table.name.lower():8} {b.start:5d} +{b.count:<3d}{ms}  {keys}")
         if not devices:
-            lines.append("  (no devices)")
+            lines.append(_("  (no devices)"))
             continue
         if not cs:
-            lines.append("  Modbus TCP: not limited by a serial wire")
+            lines.append(_("  Modbus TCP: not limited by a serial wire"))
             continue
-        budget = link_budget(cfg, link, turnaround_s)
-        lines.append(f"  budget at {baud_text(link)}, {turnaround_s * 1000:.0f} ms turnaround per answer:")
-        lines.append(f"    minimum full cycle: {budget.cycle_s:.2f} s for {len(devices)} device(s), "
-                     f"{sum(len(plan_device(d.profile)) for d in devices)} reads")
-        lines.append(f"    bus load at the configured intervals: {budget.load:.0%} "
-                     f"(shortest interval {budget.shortest_interval_s:g} s)")
-        lines.append(f"    a device that stops answering costs up to {budget.dead_device_s():.2f} s per poll until it "
-                     f"is offline, then one timeout per probe (backoff up to each device's backoff_max)")
-    lines += [f"warning: {w}" for w in budget_warnings(cfg, turnaround_s)]
+        lines += _budget_lines(cfg, link, devices, turnaround_s)
+    lines += [_("warning: {warning}").format(warning=w) for w in budget_warnings(cfg, turnaround_s)]
     return "\n".join(lines)
+
+
+def _budget_lines(cfg: SiteConfig, link: Link, devices: list[Device], turnaround_s: float) -> list[str]:
+    budget = link_budget(cfg, link, turnaround_s)
+    return [
+        _("  budget at {baud}, {ms:.0f} ms turnaround per answer:").format(baud=baud_text(link),
+                                                                           ms=turnaround_s * 1000),
+        _("    minimum full cycle: {cycle:.2f} s for {n} device(s), {reads} reads").format(
+            cycle=budget.cycle_s, n=len(devices), reads=sum(len(plan_device(d.profile)) for d in devices)),
+        _("    bus load at the configured intervals: {load:.0%} (shortest interval {shortest:g} s)").format(
+            load=budget.load, shortest=budget.shortest_interval_s),
+        _("    a device that stops answering costs up to {dead:.2f} s per poll until it is offline, then one "
+          "timeout per probe (backoff up to each device's backoff_max)").format(dead=budget.dead_device_s()),
+    ]

@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from agent.config import DEFAULT_SITE_FILE
+from agent.i18n import _
 
 
 def add_commands(sub: Any) -> None:
@@ -17,13 +18,14 @@ def add_commands(sub: Any) -> None:
 
 def add_plan(sub: Any) -> None:
     plan = sub.add_parser(
-        "plan", help="each device's planned reads and the bus time budget per link",
-        description="Print every device's planned reads (table, address, count, points) and, per RS-485 "
-                    "link, the minimum time one full poll cycle takes on the wire, the bus load the "
-                    "configured intervals ask for, and a warning when they cannot be met.")
-    plan.add_argument("-c", "--config", default=DEFAULT_SITE_FILE, help=f"site file (default {DEFAULT_SITE_FILE})")
+        "plan", help=_("each device's planned reads and the bus time budget per link"),
+        description=_("Print every device's planned reads (table, address, count, points) and, per RS-485 "
+                      "link, the minimum time one full poll cycle takes on the wire, the bus load the "
+                      "configured intervals ask for, and a warning when they cannot be met."))
+    plan.add_argument("-c", "--config", default=DEFAULT_SITE_FILE,
+                      help=_("site file (default {path})").format(path=DEFAULT_SITE_FILE))
     plan.add_argument("--turnaround-ms", type=float, default=None, metavar="MS",
-                      help="time a device takes to start answering (default 20 ms, a typical inverter)")
+                      help=_("time a device takes to start answering (default 20 ms, a typical inverter)"))
     plan.set_defaults(func=cmd_plan)
 
 

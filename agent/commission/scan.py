@@ -33,6 +33,7 @@ from agent.commission.probe import (
     resolve_target,
     run_command,
 )
+from agent.i18n import _
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError, DeviceError
 from drivers.link import LinkClient
@@ -47,12 +48,12 @@ MAX_EVIDENCE = 6
 
 
 def add_commands(sub: Any) -> None:
-    scan = sub.add_parser("scan", help="find the units on a link and suggest a device map for each")
+    scan = sub.add_parser("scan", help=_("find the units on a link and suggest a device map for each"))
     add_link_options(scan)
     scan.add_argument("--units", type=_units, default=list(range(1, 248)), metavar="LIST",
-                      help="unit ids: 1-247 (default), 1,2,11 or 1-10,20")
-    scan.add_argument("--thorough", action="store_true", help="also probe units silent on the first read")
-    scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+                      help=_("unit ids: 1-247 (default), 1,2,11 or 1-10,20"))
+    scan.add_argument("--thorough", action="store_true", help=_("also probe units silent on the first read"))
+    scan.add_argument("-q", "--quiet", action="store_true", help=_("no progress bar"))
     scan.set_defaults(func=cmd_scan)
 
     add_read(sub)
@@ -63,10 +64,11 @@ def _units(text: str) -> list[int]:
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected e.g. 1-247 or 1,2,11")
+            raise argparse.ArgumentTypeError(_("{text!r}: expected e.g. 1-247 or 1,2,11").format(text=text))
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if not 0 <= lo <= hi <= 255:
-            raise argparse.ArgumentTypeError(f"{part.strip()!r}: unit ids are 0..255 (1..247 on a serial bus)")
+            raise argparse.ArgumentTypeError(_("{text!r}: unit ids are 0..255 (1..247 on a serial bus)").format(
+                text=part.strip()))
         units += [u for u in range(lo, hi + 1) if u not in units]
     return units
 
@@ -118,7 +120,8 @@ def _vendor_maps(library: ProfileLibrary) -> tuple[list[DeviceMap], DeviceMap | 
         try:
             dmap = library.get(map_id)
         except ConfigError as err:
-            print(f"pvgate: skipping device map {map_id!r}: {err.problems[0]}", file=sys.stderr)
+            print(_("pvgate: skipping device map {id!r}: {problem}").format(id=map_id, problem=err.problems[0].text(_)),
+                  file=sys.stderr)
             continue
         if dmap.sunspec:
             sunspec_map = sunspec_map or dmap
@@ -152,9 +155,9 @@ async def scan_unit(probe: Probe, maps: list[DeviceMap], sunspec_map: DeviceMap 
         if verdict is not None:
             matches.append((verdict[0], dmap, verdict[1]))
     if not matches:
-        return Finding(probe.unit, None, evidence=["answers, but matches no shipped device map"]) if answered else None
+        return Finding(probe.unit, None, evidence=[_("answers, but matches no shipped device map")]) if answered else None
     matches.sort(key=lambda m: -m[0])
-    _, best, evidence = matches[0]
+    _score, best, evidence = matches[0]
     return Finding(probe.unit, best.id, best.name, evidence[:MAX_EVIDENCE], [m[1].id for m in matches[1:]],
                    meter="meter" in best.name.lower())
 
@@ -166,19 +169,19 @@ def _absent(err: DeviceError) -> bool:
 
 async def _sunspec_finding(probe: Probe, base: int, sunspec_map: DeviceMap | None) -> Finding:
     profile = sunspec_map.id if sunspec_map else "sunspec"
-    name = sunspec_map.name if sunspec_map else "SunSpec device"
-    evidence = [f"SunSpec marker at {base}"]
+    name = sunspec_map.name if sunspec_map else _("SunSpec device")
+    evidence = [_("SunSpec marker at {base}").format(base=base)]
     try:
         disc = await discover(probe.holding, bases=(base,))
     except (DiscoveryError, DeviceError) as err:
-        return Finding(probe.unit, profile, name, evidence + [f"model chain not readable: {err}"])
-    evidence.append("models " + ", ".join(f"{m.id} {model_title(m.id)}" for m in disc.models))
+        return Finding(probe.unit, profile, name, evidence + [_("model chain not readable: {error}").format(error=err)])
+    evidence.append(_("models {models}").format(models=", ".join(f"{m.id} {model_title(m.id)}" for m in disc.models)))
     dmap = device_map(disc)
     try:
-        identity, _ = await read_points(probe, without_scale_factors(dmap.identity), dmap)
+        identity, _quality = await read_points(probe, without_scale_factors(dmap.identity), dmap)
         evidence += [f"{k} {format_value(None, v)}" for k, v in identity.items()]
     except DeviceError:
-        evidence.append("identity not readable")
+        evidence.append(_("identity not readable"))
     meter = all(m.id == 1 or 200 < m.id < 220 for m in disc.models)
     return Finding(probe.unit, profile, name, evidence, meter=meter)
 
@@ -219,7 +222,7 @@ def probe_points(dmap: DeviceMap) -> list[list[Point]]:
         ident = plan_reads(without_scale_factors(dmap.identity), dmap.max_block, dmap.max_gap, dmap.holes)
         out.append(list(ident[0].points))
     blocks = plan_device(dmap)
-    grid = [b for b in blocks if any(pat.fullmatch(p.key) for p in b.points for pat, _, _ in ANCHORS)]
+    grid = [b for b in blocks if any(pat.fullmatch(p.key) for p in b.points for pat, _lo, _hi in ANCHORS)]
     if grid or blocks:
         out.append(list((grid or blocks)[0].points))
     return out
@@ -263,7 +266,7 @@ class Progress:
     def draw(self, done: int, unit: int | None) -> None:
         filled = self.width * done // self.total
         bar = "#" * filled + " " * (self.width - filled)
-        self._last = f"[{bar}] {done}/{self.total}" + (f" unit {unit}" if unit is not None else "")
+        self._last = f"[{bar}] {done}/{self.total}" + (_(" unit {unit}").format(unit=unit) if unit is not None else "")
         self._write("\r" + self._last)
 
     def clear(self) -> None:
@@ -280,18 +283,21 @@ class Progress:
 
 def _finding_text(f: Finding) -> str:
     if f.profile is None:
-        return f"unit {f.unit}: ? ({'; '.join(f.evidence)})"
-    lines = [f"unit {f.unit}: {f.profile} ({f.name})", f"    evidence: {'; '.join(f.evidence)}"]
+        return _("unit {unit}: ? ({evidence})").format(unit=f.unit, evidence="; ".join(f.evidence))
+    lines = [_("unit {unit}: {profile} ({name})").format(unit=f.unit, profile=f.profile, name=f.name),
+             _("    evidence: {evidence}").format(evidence="; ".join(f.evidence))]
     if f.others:
-        lines.append(f"    also plausible: {', '.join(f.others)}")
+        lines.append(_("    also plausible: {maps}").format(maps=", ".join(f.others)))
     return "\n".join(lines)
 
 
 def _summary(found: list[Finding], link: Link, args: argparse.Namespace) -> str:
     mapped = [f for f in found if f.profile]
     if not found:
-        return f"no unit answered on {link.type.value} {link.endpoint} (units {_span(args.units)})"
-    lines = [f"{len(found)} unit(s) answered on {link.type.value} {link.endpoint}; for the site file:"]
+        return _("no unit answered on {type} {endpoint} (units {units})").format(
+            type=link.type.value, endpoint=link.endpoint, units=_span(args.units))
+    lines = [_("{n} unit(s) answered on {type} {endpoint}; for the site file:").format(
+        n=len(found), type=link.type.value, endpoint=link.endpoint)]
     if not args.config:
         if link.serial is not None:
             s = link.serial

@@ -15,8 +15,9 @@ from agent.config.model import (
     SiteInfo,
     StatusPageConfig,
 )
-from agent.config.site import format_problems, load_site
+from agent.config.site import format_problems, load_site, site_language
 from agent.uplink.settings import MqttConfig, TlsConfig
 
 __all__ = ["DEFAULT_SITE_FILE", "DEFAULT_STATE_DIR", "EX_CONFIG", "AgentConfig", "BufferConfig", "MqttConfig", "SiteConfig", "SiteInfo", "StatusPageConfig",
-           "TlsConfig", "format_problems", "load_site"]
+           "TlsConfig", "format_problems", "load_site",
+           "site_language"]

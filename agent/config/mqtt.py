@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.uplink.settings import MqttConfig, TlsConfig
 from agent.uplink.tls import TlsSetupError, tls_context
+from drivers.errors import N_, Msg
 from drivers.yamlsrc import Checker, LDict
 
 ENV_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -24,39 +25,39 @@ def mqtt_section(node: LDict, chk: Checker, site_id: str, present: bool) -> Mqtt
     if "host" in node and host:
         check_host(host, node, "mqtt", chk)
     elif "host" in node and isinstance(node["host"], str):
-        chk.problem(chk.line_of(node, "host"), "mqtt.host", "expected the broker's host name or IP address, got nothing")
+        chk.problem(chk.line_of(node, "host"), "mqtt.host", N_("expected the broker's host name or IP address, got nothing"))
     tls = _tls(node, chk)
     port = chk.get(node, "port", "mqtt", int, 8883 if tls else 1883)
     if not 1 <= port <= 65535:
-        chk.problem(chk.line_of(node, "port"), "mqtt.port", "expected 1..65535")
+        chk.problem(chk.line_of(node, "port"), "mqtt.port", N_("expected 1..65535"))
     prefix = chk.get(node, "topic_prefix", "mqtt", str, "pvgate")
     if not prefix or any(c in prefix for c in "+#") or prefix.startswith("/") or prefix.endswith("/"):
         chk.problem(chk.line_of(node, "topic_prefix"), "mqtt.topic_prefix",
-                    "no MQTT wildcards (+ #) and no leading or trailing '/'")
+                    N_("no MQTT wildcards (+ #) and no leading or trailing '/'"))
     password = _secret(node, "password", "password_file", "mqtt", chk)
     username = chk.get(node, "username", "mqtt", str, None)
     if username is None and ("password" in node or "password_file" in node) and "username" not in node:
         # paho sends a password only together with a user name; without one it is silently dropped.
         key = "password" if "password" in node else "password_file"
-        chk.problem(chk.line_of(node, key), f"mqtt.{key}", "a password needs a username (add mqtt.username)")
+        chk.problem(chk.line_of(node, key), f"mqtt.{key}", N_("a password needs a username (add mqtt.username)"))
     keepalive = chk.get(node, "keepalive", "mqtt", int, 60)
     if not 5 <= keepalive <= 65535:
-        chk.problem(chk.line_of(node, "keepalive"), "mqtt.keepalive", "expected 5..65535 seconds")
+        chk.problem(chk.line_of(node, "keepalive"), "mqtt.keepalive", N_("expected 5..65535 seconds"))
     batch = chk.get(node, "batch_max", "mqtt", int, 200)
     inflight = chk.get(node, "inflight", "mqtt", int, 50)
     if not 1 <= batch <= 5000:
-        chk.problem(chk.line_of(node, "batch_max"), "mqtt.batch_max", "expected 1..5000 readings per message")
+        chk.problem(chk.line_of(node, "batch_max"), "mqtt.batch_max", N_("expected 1..5000 readings per message"))
     if not 1 <= inflight <= 1000:
-        chk.problem(chk.line_of(node, "inflight"), "mqtt.inflight", "expected 1..1000 (20-100 is best)")
+        chk.problem(chk.line_of(node, "inflight"), "mqtt.inflight", N_("expected 1..1000 (20-100 is best)"))
     return MqttConfig(
         host=host or "", port=port, topic_prefix=prefix, tls=tls,
         username=username, password=password,
         client_id=chk.get(node, "client_id", "mqtt", str, f"pvgate-{site_id}"),
         keepalive=keepalive, batch_max=batch, inflight=inflight, protocol=_protocol(node, chk),
         max_message_kb=_number(node, chk, "max_message_kb", 64.0, MESSAGE_KB_RANGE,
-                               "KiB per MQTT message (the broker's limit or below; see docs/mqtt.md)"),
+                               N_("KiB per MQTT message (the broker's limit or below; see docs/mqtt.md)")),
         resend_kb_per_min=_number(node, chk, "resend_kb_per_min", 256.0, RESEND_KB_RANGE,
-                                  "KiB per minute for resend requests"),
+                                  N_("KiB per minute for resend requests")),
     )
 
 
@@ -68,7 +69,7 @@ def _protocol(node: LDict, chk: Checker) -> str:
     text = str(value).strip().lower().removeprefix("v") if isinstance(value, (int, float, str)) else ""
     if isinstance(value, bool) or text not in PROTOCOLS:
         chk.problem(chk.line_of(node, "protocol"), "mqtt.protocol",
-                    f"expected 5 or 3.1.1 (MQTT version), got {value!r}")
+                    N_("expected 5 or 3.1.1 (MQTT version), got {value!r}"), value=value)
         return "5"
     return PROTOCOLS[text]
 
@@ -76,7 +77,8 @@ def _protocol(node: LDict, chk: Checker) -> str:
 def _number(node: LDict, chk: Checker, key: str, default: float, bounds: tuple[float, float], what: str) -> float:
     value = float(chk.get(node, key, "mqtt", float, default))
     if not bounds[0] <= value <= bounds[1]:
-        chk.problem(chk.line_of(node, key), f"mqtt.{key}", f"expected {bounds[0]:.15g}..{bounds[1]:.15g} {what}")
+        chk.problem(chk.line_of(node, key), f"mqtt.{key}", N_("expected {lo:.15g}..{hi:.15g} {what}"),
+                    lo=bounds[0], hi=bounds[1], what=Msg(what))
         return default
     return value
 
@@ -96,7 +98,7 @@ def _tls(node: LDict, chk: Checker) -> TlsConfig | None:
             readable[key] = _not_public(value, tls, key, "mqtt.tls", chk)
         files[key] = value
     if (files["cert_file"] is None) != (files["key_file"] is None):
-        chk.problem(tls.line, "mqtt.tls", "cert_file and key_file go together (client certificate)")
+        chk.problem(tls.line, "mqtt.tls", N_("cert_file and key_file go together (client certificate)"))
     key_password = _secret(tls, "key_password", "key_password_file", "mqtt.tls", chk)
     _check_tls_material(tls, files, readable, key_password, chk)
     return TlsConfig(files["ca_file"] or "", files["cert_file"], files["key_file"], key_password)
@@ -118,10 +120,11 @@ def _readable(value: str, node: LDict, key: str, path: str, chk: Checker) -> boo
     p = Path(value)
     line, where = chk.line_of(node, key), f"{path}.{key}"
     if not p.exists():
-        chk.problem(line, where, f"file {value} does not exist")
+        chk.problem(line, where, N_("file {file} does not exist"), file=value)
         return False
     if not p.is_file():
-        chk.problem(line, where, f"{value} is not a file (a directory?); give the path of the file itself")
+        chk.problem(line, where, N_("{file} is not a file (a directory?); give the path of the file itself"),
+                    file=value)
         return False
     # Open it rather than ask os.access: that is the check that counts, also under root with
     # capabilities dropped (systemd) or on file systems with ACLs.
@@ -129,7 +132,8 @@ def _readable(value: str, node: LDict, key: str, path: str, chk: Checker) -> boo
         with p.open("rb"):
             pass
     except OSError as err:
-        chk.problem(line, where, f"file {value} cannot be read by this user: {err.strerror or err}")
+        chk.problem(line, where, N_("file {file} cannot be read by this user: {reason}"),
+                    file=value, reason=str(err.strerror or err))
         return False
     return True
 
@@ -139,8 +143,8 @@ def _not_public(value: str, node: LDict, key: str, path: str, chk: Checker) -> b
     mode = Path(value).stat().st_mode & 0o777
     if mode & 0o006:
         chk.problem(chk.line_of(node, key), f"{path}.{key}",
-                    f"file {value} is readable by every user (mode {mode:04o}); keep secrets owner/group-only: "
-                    f"sudo chown root:pvgate {value} && sudo chmod 0640 {value}")
+                    N_("file {file} is readable by every user (mode {mode:04o}); keep secrets owner/group-only: "
+                       "sudo chown root:pvgate {file} && sudo chmod 0640 {file}"), file=value, mode=mode)
         return False
     return True
 
@@ -153,10 +157,11 @@ def secret_file(node: LDict, file_key: str, path: str, chk: Checker) -> str | No
     try:
         secret = Path(name).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
-        chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} cannot be read as UTF-8 text: {err}")
+        chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", N_("file {file} cannot be read as UTF-8 text: {reason}"),
+                    file=name, reason=str(err))
         return None
     if not secret:
-        chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", f"file {name} is empty")
+        chk.problem(chk.line_of(node, file_key), f"{path}.{file_key}", N_("file {file} is empty"), file=name)
         return None
     return secret
 
@@ -164,7 +169,8 @@ def secret_file(node: LDict, file_key: str, path: str, chk: Checker) -> str | No
 def _secret(node: LDict, key: str, file_key: str, path: str, chk: Checker) -> str | None:
     """A secret given inline as ${ENV} or in a file; plain text inline is refused (it ends up in backups and screenshots)."""
     if key in node and file_key in node:
-        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"give either {key} or {file_key}, not both")
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", N_("give either {key} or {file_key}, not both"),
+                    key=key, file_key=file_key)
     if file_key in node:
         return secret_file(node, file_key, path, chk)
     if key not in node:
@@ -174,13 +180,16 @@ def _secret(node: LDict, key: str, file_key: str, path: str, chk: Checker) -> st
     if not m:
         # Also for a number or an empty value: whatever is written here is a plain-text secret.
         chk.problem(chk.line_of(node, key), f"{path}.{key}",
-                    f"write it as ${{ENV_NAME}} or use {file_key}; secrets are not kept in the site file")
+                    N_("write it as ${{ENV_NAME}} or use {file_key}; secrets are not kept in the site file"),
+                    file_key=file_key)
         return None
     if m.group(1) not in os.environ:
-        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"environment variable {m.group(1)} is not set")
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", N_("environment variable {name} is not set"),
+                    name=m.group(1))
         return None
     if not os.environ[m.group(1)]:
-        chk.problem(chk.line_of(node, key), f"{path}.{key}", f"environment variable {m.group(1)} is empty")
+        chk.problem(chk.line_of(node, key), f"{path}.{key}", N_("environment variable {name} is empty"),
+                    name=m.group(1))
         return None
     return os.environ[m.group(1)]
 
@@ -189,13 +198,15 @@ def check_host(host: str, node: LDict, path: str, chk: Checker) -> None:
     """A host name or an IP address only: 'mqtt://x:1883' or 'x:502' would fail at connect time."""
     line, where = chk.line_of(node, "host"), f"{path}.host"
     if "://" in host or "/" in host:
-        chk.problem(line, where, f"{host!r}: give the host name or IP address only, without a scheme or path")
+        chk.problem(line, where, N_("{host!r}: give the host name or IP address only, without a scheme or path"),
+                    host=host)
     elif ":" in host:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            chk.problem(line, where, f"{host!r}: give the host name or IP address only; the port goes in port")
+            chk.problem(line, where, N_("{host!r}: give the host name or IP address only; the port goes in port"),
+                        host=host)
     elif any(c.isspace() for c in host):
-        chk.problem(line, where, f"{host!r}: a host name has no spaces")
+        chk.problem(line, where, N_("{host!r}: a host name has no spaces"), host=host)
 
 

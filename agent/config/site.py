@@ -20,9 +20,9 @@ from agent.config.model import (
     StatusPageConfig,
 )
 from agent.config.mqtt import check_host, mqtt_section, secret_file
-from agent.i18n import LANGUAGES
+from agent.i18n import LANGUAGES, _, ngettext, normalize, translator
 from drivers.devicemap import ProfileLibrary
-from drivers.errors import ConfigError
+from drivers.errors import N_, ConfigError
 from drivers.yamlsrc import Checker, LDict, load_file
 
 SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -45,8 +45,8 @@ def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteCo
     chk = Checker(str(path))
     if data is None:
         # Empty or only comments: one message that says what belongs in it, not four.
-        chk.problem(1, "", "the file is empty; a site file needs the sections site, mqtt, links "
-                           "and devices (see config/examples/site.yaml)")
+        chk.problem(1, "", N_("the file is empty; a site file needs the sections site, mqtt, links "
+                              "and devices (see config/examples/site.yaml)"))
     root = chk.mapping(data, "", 1, TOP_KEYS) if data is not None else None
     if root is None:
         chk.raise_if_any()
@@ -54,7 +54,7 @@ def load_site(path: str | Path, library: ProfileLibrary | None = None) -> SiteCo
     library = library or ProfileLibrary.default(path.resolve().parent)
     for key in ("site", "mqtt", "links", "devices"):
         if key not in root:
-            chk.problem(root.line, key, "required section is missing")
+            chk.problem(root.line, key, N_("required section is missing"))
     # A section that is not a mapping is reported once by _section; its keys are then not
     # reported missing one by one as well.
     site = _site(_section(root, "site", SITE_KEYS, chk), chk, _is_mapping(root, "site"))
@@ -90,17 +90,17 @@ def _site(node: LDict, chk: Checker, present: bool) -> SiteInfo:
     site_id = chk.get(node, "id", "site", str, "", required=present) or ""
     if site_id and not SITE_ID_RE.match(site_id):
         chk.problem(chk.line_of(node, "id"), "site.id",
-                    f"{site_id!r}: use lower-case letters a-z, digits and '-' (it is part of MQTT topics)")
+                    N_("{id!r}: use lower-case letters a-z, digits and '-' (it is part of MQTT topics)"), id=site_id)
     tz = chk.get(node, "timezone", "site", str, "Asia/Shanghai")
     _check_timezone(tz, node, chk)
     cap = chk.get(node, "capacity_kwp", "site", float, None)
     if cap is not None and cap <= 0:
-        chk.problem(chk.line_of(node, "capacity_kwp"), "site.capacity_kwp", "expected a number of kWp above 0")
+        chk.problem(chk.line_of(node, "capacity_kwp"), "site.capacity_kwp", N_("expected a number of kWp above 0"))
     lat, lon = _location(node, chk)
     tol = chk.get(node, "meter_tolerance", "site", float, 0.05)
     if tol is not None and not 0 < tol < 1:
         chk.problem(chk.line_of(node, "meter_tolerance"), "site.meter_tolerance",
-                    "expected a share between 0 and 1 (e.g. 0.05: meter and inverters may differ by 5 % a day)")
+                    N_("expected a share between 0 and 1 (e.g. 0.05: meter and inverters may differ by 5 % a day)"))
     lang = chk.choice(node, "language", "site", LANGUAGES, None)
     return SiteInfo(site_id, chk.get(node, "name", "site", str, site_id), tz, cap, lat, lon,
                     tol if tol is not None and 0 < tol < 1 else 0.05, lang)
@@ -116,9 +116,9 @@ def _location(node: LDict, chk: Checker) -> tuple[float | None, float | None]:
     lat = chk.get(loc, "lat", "site.location", float, None, required=True)
     lon = chk.get(loc, "lon", "site.location", float, None, required=True)
     if lat is not None and not -90 <= lat <= 90:
-        chk.problem(chk.line_of(loc, "lat"), "site.location.lat", "expected degrees north, -90..90 (e.g. 36.84)")
+        chk.problem(chk.line_of(loc, "lat"), "site.location.lat", N_("expected degrees north, -90..90 (e.g. 36.84)"))
     if lon is not None and not -180 <= lon <= 180:
-        chk.problem(chk.line_of(loc, "lon"), "site.location.lon", "expected degrees east, -180..180 (e.g. 112.85)")
+        chk.problem(chk.line_of(loc, "lon"), "site.location.lon", N_("expected degrees east, -180..180 (e.g. 112.85)"))
     return lat, lon
 
 
@@ -129,13 +129,13 @@ def _check_timezone(tz: str, node: LDict, chk: Checker) -> None:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory such as "Asia"
         chk.problem(chk.line_of(node, "timezone"), "site.timezone",
-                    f"unknown time zone {tz!r}; expected an IANA name such as Asia/Shanghai")
+                    N_("unknown time zone {tz!r}; expected an IANA name such as Asia/Shanghai"), tz=tz)
 
 
 def _agent(node: LDict, chk: Checker) -> AgentConfig:
     state = chk.get(node, "state_dir", "agent", str, os.environ.get("PVGATE_STATE_DIR", DEFAULT_STATE_DIR))
     if not state:
-        chk.problem(chk.line_of(node, "state_dir"), "agent.state_dir", "expected a directory path")
+        chk.problem(chk.line_of(node, "state_dir"), "agent.state_dir", N_("expected a directory path"))
         state = DEFAULT_STATE_DIR
     level = chk.choice(node, "log_level", "agent", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
     sync = chk.choice(node, "clock_sync", "agent", ("kernel", "assume"), "kernel")
@@ -147,14 +147,14 @@ def _buffer(node: LDict, chk: Checker, state_dir: str) -> BufferConfig:
     path = chk.get(node, "path", "buffer", str, str(Path(state_dir) / "buffer.sqlite"))
     max_mb = chk.get(node, "max_mb", "buffer", float, 1024.0)
     if max_mb is not None and max_mb < 0.1:
-        chk.problem(chk.line_of(node, "max_mb"), "buffer.max_mb", "expected at least 0.1 (MB)")
+        chk.problem(chk.line_of(node, "max_mb"), "buffer.max_mb", N_("expected at least 0.1 (MB)"))
     keep = chk.get(node, "keep_sent_days", "buffer", float, 7.0)
     if keep < 0:
-        chk.problem(chk.line_of(node, "keep_sent_days"), "buffer.keep_sent_days", "expected 0 or more days")
+        chk.problem(chk.line_of(node, "keep_sent_days"), "buffer.keep_sent_days", N_("expected 0 or more days"))
     commit = chk.duration(node, "commit_interval", "buffer", 1.0, 0.0)
     free = chk.get(node, "min_free_mb", "buffer", float, 64.0)
     if free < 0:
-        chk.problem(chk.line_of(node, "min_free_mb"), "buffer.min_free_mb", "expected 0 or more (MB)")
+        chk.problem(chk.line_of(node, "min_free_mb"), "buffer.min_free_mb", N_("expected 0 or more (MB)"))
     return BufferConfig(path, max_mb, keep, commit, free)
 
 
@@ -167,7 +167,7 @@ def _status_page(root: LDict, chk: Checker) -> StatusPageConfig | None:
     check_host(host, node, "status_page", chk)
     port = chk.get(node, "port", "status_page", int, 8080)
     if port is not None and not 1 <= port <= 65535:
-        chk.problem(chk.line_of(node, "port"), "status_page.port", "expected a TCP port, 1..65535 (e.g. 8080)")
+        chk.problem(chk.line_of(node, "port"), "status_page.port", N_("expected a TCP port, 1..65535 (e.g. 8080)"))
     user = password = None
     if "auth_file" in node:
         secret = secret_file(node, "auth_file", "status_page", chk)
@@ -175,12 +175,27 @@ def _status_page(root: LDict, chk: Checker) -> StatusPageConfig | None:
             user, sep, password = secret.partition(":")
             if not sep or not user or not password:
                 chk.problem(chk.line_of(node, "auth_file"), "status_page.auth_file",
-                            "expected one line user:password (the login for the status page)")
+                            N_("expected one line user:password (the login for the status page)"))
                 user = password = None
     return StatusPageConfig(host, port or 8080, user, password)
 
 
-def format_problems(err: ConfigError) -> str:
-    lines = [str(p) for p in err.problems]
+def format_problems(err: ConfigError, lang: str | None = None) -> str:
+    """Every problem, located, and how many there are: in lang, or the current language (agent.i18n)."""
+    gettext, plural = (translator(lang).gettext, translator(lang).ngettext) if lang else (_, ngettext)
+    lines = [p.text(gettext) for p in err.problems]
     n = len(lines)
-    return "\n".join(lines + [f"{n} problem{'s' if n != 1 else ''} found; nothing was started."])
+    return "\n".join(lines + [plural("{n} problem found; nothing was started.",
+                                      "{n} problems found; nothing was started.", n).format(n=n)])
+
+
+def site_language(path: str | Path) -> str | None:
+    """site.language of a site file, read leniently: the file may have problems the language is
+    needed to report. None when it sets none, or the file is not readable YAML."""
+    try:
+        data = load_file(Path(path))
+    except ConfigError:
+        return None
+    site = data.get("site") if isinstance(data, dict) else None
+    lang = site.get("language") if isinstance(site, dict) else None
+    return normalize(lang) if isinstance(lang, str) else None

@@ -212,8 +212,8 @@ class Agent:
             self.spawn(self.supervision.heartbeat(), "heartbeat")
             self.spawn(self.timekeeper.run(self.schedule.realign), "clock")
             self.supervision.arm_test_wedge()
-            log.info("device=_site pvgate %s running: site %s, %d links, %d devices, buffer %s",
-                     __version__, self.cfg.site.id, len(self.workers), len(self.cfg.devices), self.cfg.buffer.path)
+            log.info("device=_site pvgate %s running: site %s (%s), %d links, %d devices, buffer %s", __version__,
+                     self.cfg.site.id, self.cfg.site.name, len(self.workers), len(self.cfg.devices), self.cfg.buffer.path)
             self.notifier.ready()
             self.notifier.status(self.supervision.status_line())
             self.supervision.start_watchdog()

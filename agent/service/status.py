@@ -25,9 +25,12 @@ import socket
 import stat
 import sys
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from agent.i18n import _
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +188,19 @@ def query(path: str | Path, request: dict[str, Any] | None = None,
         try:
             sock.connect(str(path))
         except FileNotFoundError:
-            raise StatusUnavailable(f"no agent is running: {path} does not exist "
-                                    "(is the service started? `systemctl status pvgate`)") from None
+            raise StatusUnavailable(_("no agent is running: {path} does not exist "
+                                      "(is the service started? `systemctl status pvgate`)").format(path=path)) from None
         except ConnectionRefusedError:
-            raise StatusUnavailable(f"no agent is running: nothing listens on {path} "
-                                    "(left behind by a stopped agent; `systemctl status pvgate`)") from None
+            raise StatusUnavailable(_("no agent is running: nothing listens on {path} (left behind by a stopped "
+                                      "agent; `systemctl status pvgate`)").format(path=path)) from None
         except PermissionError:
-            raise StatusUnavailable(f"permission denied on {path}: run as root or as a member of the "
-                                    "pvgate group (sudo pvgate status)", EX_NOPERM) from None
+            raise StatusUnavailable(_("permission denied on {path}: run as root or as a member of the "
+                                      "pvgate group (sudo pvgate status)").format(path=path), EX_NOPERM) from None
         except OSError as err:
             if err.errno in (errno.ENOTSOCK, errno.ENOTDIR):
-                raise StatusUnavailable(f"no agent is running: {path} is not a socket") from None
-            raise StatusUnavailable(f"cannot reach the agent at {path}: {err.strerror or err}") from None
+                raise StatusUnavailable(_("no agent is running: {path} is not a socket").format(path=path)) from None
+            raise StatusUnavailable(_("cannot reach the agent at {path}: {reason}").format(
+                path=path, reason=err.strerror or err)) from None
         sock.sendall(json.dumps(request or {"cmd": "status"}).encode() + b"\n")
         chunks: list[bytes] = []
         size = 0
@@ -207,26 +211,28 @@ def query(path: str | Path, request: dict[str, Any] | None = None,
             chunks.append(chunk)
             size += len(chunk)
             if size > MAX_REPLY_BYTES:
-                raise StatusUnavailable(f"the agent at {path} sent an oversized reply")
+                raise StatusUnavailable(_("the agent at {path} sent an oversized reply").format(path=path))
     except TimeoutError:
-        raise StatusUnavailable(f"the agent at {path} did not answer within {timeout_s:g} s") from None
+        raise StatusUnavailable(_("the agent at {path} did not answer within {seconds:g} s").format(
+            path=path, seconds=timeout_s)) from None
     except OSError as err:
-        raise StatusUnavailable(f"connection to the agent at {path} failed: {err.strerror or err}") from None
+        raise StatusUnavailable(_("connection to the agent at {path} failed: {reason}").format(
+            path=path, reason=err.strerror or err)) from None
     finally:
         sock.close()
     try:
         reply = json.loads(b"".join(chunks).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise StatusUnavailable(f"the agent at {path} sent an unreadable reply") from None
+        raise StatusUnavailable(_("the agent at {path} sent an unreadable reply").format(path=path)) from None
     if not isinstance(reply, dict):
-        raise StatusUnavailable(f"the agent at {path} sent an unexpected reply")
+        raise StatusUnavailable(_("the agent at {path} sent an unexpected reply").format(path=path))
     return reply
 
 
 def _ago(ts_ms: int | None, now_ms: int) -> str:
     if not ts_ms:
-        return "never"
-    return f"{_duration(max(0, now_ms - ts_ms) / 1000)} ago"
+        return _("never")
+    return _("{duration} ago").format(duration=_duration(max(0, now_ms - ts_ms) / 1000))
 
 
 def _duration(seconds: float) -> str:
@@ -244,11 +250,14 @@ def _mb(n: int | float | None) -> str:
     return f"{(n or 0) / 1048576:.1f} MB"  # MiB, as max_mb in the site file
 
 
+def _width(text: str) -> int:
+    """Terminal columns: a Chinese character (a heading, a site or device name) takes two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return out
+    widths = [max(_width(h), *(_width(r[i]) for r in rows)) if rows else _width(h) for i, h in enumerate(headers)]
+    return ["  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
 
 
 def _fmt_value(value: Any) -> str:
@@ -258,43 +267,18 @@ def _fmt_value(value: Any) -> str:
 
 
 def format_status(st: dict[str, Any], values: bool = True) -> str:
-    """The status reply as a table a technician can read on an 80-column terminal."""
+    """The status reply as a table a technician can read on an 80-column terminal, in the current language."""
     now = int(st.get("ts") or time.time() * 1000)
-    lines = [f"pvgate {st.get('version', '?')}  site {st.get('site', '?')} ({st.get('name', '')})  "
-             f"pid {st.get('pid', '?')}  up {_duration(float(st.get('uptime_s', 0)))}  {st.get('state', '')}",
-             f"config  {st.get('config', '?')} (reloads: {st.get('reloads', 0)})"]
-    mq = st.get("mqtt", {})
-    lines.append(f"mqtt    {mq.get('host')}:{mq.get('port')}{' TLS' if mq.get('tls') else ''}  "
-                 f"{'connected' if mq.get('connected') else 'NOT CONNECTED'}  "
-                 f"{mq.get('messages', 0)} messages, {mq.get('acked_rows', 0)} rows acknowledged, "
-                 f"{mq.get('connects', 0)} connects")
-    b = st.get("buffer", {})
-    lines.append(f"buffer  {b.get('unsent', 0)} unsent (oldest {_duration(float(b.get('oldest_unsent_age_s', 0)))}), "
-                 f"last seq {b.get('last_seq', 0)}, {b.get('rows', 0)} rows, {_mb(b.get('size_bytes'))} of "
-                 f"{_mb(b.get('budget_bytes'))}, dropped {b.get('dropped_unsent', 0)} unsent / "
-                 f"{b.get('memory_dropped', 0)} in memory, disk free {_mb(st.get('disk_free_bytes'))}")
-    ck = st.get("clock") or {}
-    if ck:
-        trusted = "trusted" if ck.get("trusted") else "NOT TRUSTED (readings flagged clock:unsynced)"
-        sync = {True: "synchronised", False: "not synchronised", None: "sync unknown"}[ck.get("synchronised")]
-        lines.append(f"clock   {trusted}, {sync}, {ck.get('steps', 0)} steps, "
-                     f"{ck.get('restamped_rows', 0)} readings re-stamped")
-        offsets = ck.get("device_offsets_ms") or {}
-        if offsets:
-            lines.append("        device clocks: " + ", ".join(f"{d} {o / 1000:+.0f} s" for d, o in sorted(offsets.items())))
-    wd = st.get("watchdog", {})
-    if wd.get("enabled"):
-        stalled = wd.get("stalled") or []
-        lines.append(f"watchdog  {'STALLED: ' + ', '.join(stalled) if stalled else 'ok'}")
+    lines = _head_lines(st)
     lines.append("")
     link_rows = []
     for lid, ln in sorted(st.get("links", {}).items()):
         link_rows.append([lid, str(ln.get("type", "")), str(ln.get("endpoint", "")),
-                          "yes" if ln.get("connected") else "no", str(ln.get("transactions", 0)),
+                          _("yes") if ln.get("connected") else _("no"), str(ln.get("transactions", 0)),
                           str(ln.get("errors", 0)), str(ln.get("timeouts", 0)),
                           f"{float(ln.get('mean_response_ms', 0.0)):.1f}"])
-    lines += _table(["LINK", "TYPE", "ENDPOINT", "CONNECTED", "TRANSACTIONS", "ERRORS", "TIMEOUTS", "MEAN MS"],
-                    link_rows)
+    lines += _table([_("LINK"), _("TYPE"), _("ENDPOINT"), _("CONNECTED"), _("TRANSACTIONS"), _("ERRORS"),
+                     _("TIMEOUTS"), _("MEAN MS")], link_rows)
     lines.append("")
     dev_rows = []
     devices = st.get("devices", {})
@@ -303,19 +287,54 @@ def format_status(st: dict[str, Any], values: bool = True) -> str:
                          f"{float(d.get('interval_s', 0)):g}s", str(d.get("state", "")),
                          _ago(d.get("last_good_ts"), now), str(d.get("consecutive_failures", 0)),
                          f"{d.get('polls', 0)}/{d.get('failed_polls', 0)}", str(d.get("overruns", 0))])
-    lines += _table(["DEVICE", "LINK", "UNIT", "PROFILE", "EVERY", "STATE", "LAST GOOD", "FAILS",
-                     "POLLS/FAILED", "OVERRUNS"], dev_rows)
+    lines += _table([_("DEVICE"), _("LINK"), _("UNIT"), _("PROFILE"), _("EVERY"), _("STATE"), _("LAST GOOD"),
+                     _("FAILS"), _("POLLS/FAILED"), _("OVERRUNS")], dev_rows)
     if values:
         for did, d in sorted(devices.items()):
             vals = d.get("values") or {}
             if not vals:
                 continue
             lines.append("")
-            lines.append(f"{did}: last values ({_ago(d.get('last_good_ts'), now)})")
+            lines.append(_("{device}: last values ({ago})").format(device=did, ago=_ago(d.get("last_good_ts"), now)))
             units = d.get("units") or {}
             rows = [[f"  {k}", _fmt_value(v), str(units.get(k, ""))] for k, v in vals.items()]
             lines += [r for r in _table(["", "", ""], rows)[1:]]
     return "\n".join(lines)
+
+
+def _head_lines(st: dict[str, Any]) -> list[str]:
+    """The agent, its uplink, buffer, clock and watchdog: one line each."""
+    lines = [_("pvgate {version}  site {site} ({name})  pid {pid}  up {uptime}  {state}").format(
+                 version=st.get("version", "?"), site=st.get("site", "?"), name=st.get("name", ""),
+                 pid=st.get("pid", "?"), uptime=_duration(float(st.get("uptime_s", 0))), state=st.get("state", "")),
+             _("config  {file} (reloads: {reloads})").format(file=st.get("config", "?"), reloads=st.get("reloads", 0))]
+    mq = st.get("mqtt", {})
+    lines.append(_("mqtt    {host}:{port}{tls}  {connected}  {messages} messages, {acked} rows acknowledged, "
+                   "{connects} connects").format(
+        host=mq.get("host"), port=mq.get("port"), tls=" TLS" if mq.get("tls") else "",
+        connected=_("connected") if mq.get("connected") else _("NOT CONNECTED"), messages=mq.get("messages", 0),
+        acked=mq.get("acked_rows", 0), connects=mq.get("connects", 0)))
+    b = st.get("buffer", {})
+    lines.append(_("buffer  {unsent} unsent (oldest {oldest}), last seq {seq}, {rows} rows, {size} of {budget}, "
+                   "dropped {dropped} unsent / {memory} in memory, disk free {free}").format(
+        unsent=b.get("unsent", 0), oldest=_duration(float(b.get("oldest_unsent_age_s", 0))), seq=b.get("last_seq", 0),
+        rows=b.get("rows", 0), size=_mb(b.get("size_bytes")), budget=_mb(b.get("budget_bytes")),
+        dropped=b.get("dropped_unsent", 0), memory=b.get("memory_dropped", 0), free=_mb(st.get("disk_free_bytes"))))
+    ck = st.get("clock") or {}
+    if ck:
+        trusted = _("trusted") if ck.get("trusted") else _("NOT TRUSTED (readings flagged clock:unsynced)")
+        sync = {True: _("synchronised"), False: _("not synchronised"), None: _("sync unknown")}[ck.get("synchronised")]
+        lines.append(_("clock   {trusted}, {sync}, {steps} steps, {restamped} readings re-stamped").format(
+            trusted=trusted, sync=sync, steps=ck.get("steps", 0), restamped=ck.get("restamped_rows", 0)))
+        offsets = ck.get("device_offsets_ms") or {}
+        if offsets:
+            lines.append(_("        device clocks: {offsets}").format(
+                offsets=", ".join(f"{d} {o / 1000:+.0f} s" for d, o in sorted(offsets.items()))))
+    wd = st.get("watchdog", {})
+    if wd.get("enabled"):
+        stalled = wd.get("stalled") or []
+        lines.append(_("watchdog  STALLED: {tasks}").format(tasks=", ".join(stalled)) if stalled else _("watchdog  ok"))
+    return lines
 
 
 # -- the `pvgate status` subcommand ------------------------------------------------------------
@@ -323,14 +342,14 @@ def format_status(st: dict[str, Any], values: bool = True) -> str:
 
 def add_command(sub: Any) -> None:
     """Register `pvgate status` on the CLI's subparsers."""
-    p = sub.add_parser("status", help="what the running agent is doing (links, devices, values, buffer)")
+    p = sub.add_parser("status", help=_("what the running agent is doing (links, devices, values, buffer)"))
     p.add_argument("-c", "--config", default=None,
-                   help="site file; its agent.state_dir locates the agent's socket")
+                   help=_("site file; its agent.state_dir locates the agent's socket"))
     p.add_argument("--socket", default=None,
-                   help=f"the agent's status socket (default: $PVGATE_RUNTIME_DIR/{SOCKET_NAME}, "
-                        f"/run/pvgate/{SOCKET_NAME} for the installed service, else STATE_DIR/{SOCKET_NAME})")
-    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    p.add_argument("--no-values", action="store_true", help="leave out the devices' last values")
+                   help=_("the agent's status socket (default: $PVGATE_RUNTIME_DIR/{name}, /run/pvgate/{name} "
+                          "for the installed service, else STATE_DIR/{name})").format(name=SOCKET_NAME))
+    p.add_argument("--json", action="store_true", help=_("print the raw status as JSON"))
+    p.add_argument("--no-values", action="store_true", help=_("leave out the devices' last values"))
     p.set_defaults(func=cmd_status)
 
 
@@ -347,9 +366,9 @@ def _state_dir_of(config: str | None) -> str:
     try:
         data = load_text(Path(config).read_text(encoding="utf-8-sig"), config)
     except FileNotFoundError:
-        raise StatusUnavailable(f"site file {config} not found", 66) from None
+        raise StatusUnavailable(_("site file {file} not found").format(file=config), 66) from None
     except (OSError, UnicodeDecodeError, ConfigError) as err:
-        raise StatusUnavailable(f"cannot read site file {config}: {err}", 66) from None
+        raise StatusUnavailable(_("cannot read site file {file}: {reason}").format(file=config, reason=err), 66) from None
     agent = data.get("agent") if isinstance(data, dict) else None
     state = agent.get("state_dir") if isinstance(agent, dict) else None
     return state if isinstance(state, str) and state else default
@@ -363,7 +382,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"pvgate status: {err}", file=sys.stderr)
         return err.code
     if not reply.get("ok"):
-        print(f"pvgate status: the agent refused: {reply.get('error', 'unknown error')}", file=sys.stderr)
+        print(_("pvgate status: the agent refused: {error}").format(error=reply.get("error", _("unknown error"))),
+              file=sys.stderr)
         return EX_UNAVAILABLE
     status = reply.get("status", {})
     if args.json:
