@@ -16,7 +16,7 @@ from agent import i18n
 
 ROOT = Path(__file__).resolve().parents[1]
 PO = ROOT / "agent/locale/zh_CN/LC_MESSAGES/pvgate.po"
-KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2)}
+KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2), "plural": (1, 2)}
 
 
 def catalog() -> object:
