@@ -7,6 +7,7 @@ pytest puts this rootdir-less ``tests/`` directory on sys.path).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,12 @@ from support.postgres import Postgres, find_bin
 from support.procs import Proc, ProcRegistry, require_tool
 from support.schemas import validate_all
 from support.uplink import Uplink
+
+# What people read follows the locale (agent/i18n.py); the tests assert English text unless they set a
+# language themselves, so a developer's zh_CN shell (or CI's) must not change what the commands print.
+for _name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES"):
+    os.environ.pop(_name, None)
+os.environ["LANG"] = "C.UTF-8"
 
 BrokerFactory = Callable[..., Broker]
 CollectorFactory = Callable[..., Collector]
