@@ -1,4 +1,4 @@
-"""Commissioning commands for the technician on site: plan (and read/scan, added by later work).
+"""Commissioning commands for the technician on site: plan and commission (read/scan live in scan.py).
 
 Each command registers itself in `add_commands`; `agent.cli` calls it with its subparsers.
 """
@@ -13,6 +13,9 @@ from agent.config import DEFAULT_SITE_FILE
 
 def add_commands(sub: Any) -> None:
     add_plan(sub)
+    from agent.commission.acceptance import add_commission  # `pvgate commission`: the acceptance report
+
+    add_commission(sub)
 
 
 def add_plan(sub: Any) -> None:
