@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import time
@@ -30,6 +31,7 @@ from agent.i18n import _
 from agent.uplink.tls import TlsSetupError, tls_context
 from drivers.model import LinkType
 
+AGENT_CMD = re.compile(r"(^|[/\s])pvgate(\s|$)|agent\.cli\s+run")  # `pvgate run ...`, `python -m agent.cli run`
 STATUS_SOCKET = "pvgate.sock"  # the running agent's status socket in its state directory (agent.service.status)
 TOPIC = "commission"  # <prefix>/<site>/commission
 BROKER_TIMEOUT_S = 10.0
@@ -105,7 +107,8 @@ def _converse(client: mqtt.Client, cfg: SiteConfig, state: dict[str, object], wh
     checks = [Check(name_c, PASS, _("connected to {where}{login}, MQTT {version}").format(
         where=where, login=login, version=cfg.mqtt.protocol))]
     topic = f"{cfg.mqtt.topic_prefix}/{cfg.site.id}/{TOPIC}"
-    payload = json.dumps({"ts": int(time.time() * 1000), "kind": "commission_test", "software": __version__})
+    payload = json.dumps({"ts": int(time.time() * 1000), "kind": "commission_test", "site": cfg.site.id,
+                          "name": cfg.site.name, "software": __version__}, ensure_ascii=False).encode()
     start = time.monotonic()
     info = client.publish(topic, payload, qos=1)
     _wait(client, state, "puback", start + timeout_s)
@@ -187,7 +190,10 @@ def agent_running(cfg: SiteConfig) -> bool:
 
 
 def port_holders(port: str) -> list[str]:
-    """Other processes that have the serial port open, as 'pid (command line)'."""
+    """Agent processes (`pvgate run`) that have the serial port open, as 'pid (command line)'.
+
+    Only the agent counts: the other end of a pty pair (socat, a serial-over-network bridge) holds
+    the port too, by design."""
     try:
         target = os.path.realpath(port)
         pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
@@ -202,7 +208,8 @@ def port_holders(port: str) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue  # not ours to look into, or gone
-        out.append(f"{pid} ({cmd[:80]})")
+        if AGENT_CMD.search(cmd):
+            out.append(f"{pid} ({cmd[:80]})")
     return out
 
 
@@ -213,7 +220,7 @@ def blocked_links(cfg: SiteConfig) -> dict[str, str]:
         if link.type is LinkType.RTU and link.serial is not None:
             holders = port_holders(link.serial.port)
             if holders:
-                out[link.id] = _("serial port {port} is held by process {who}; if that is the agent, stop it first: "
+                out[link.id] = _("serial port {port} is held by the agent, process {who}: stop it first, "
                                  "sudo systemctl stop pvgate").format(port=link.serial.port, who=", ".join(holders))
     return out
 
