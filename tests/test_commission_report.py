@@ -54,7 +54,8 @@ listeners:
 GOOD = {
     "inv01": "{id: inv01, link: lan, unit: 1, profile: huawei-sun2000, "
              "expect: {model: SUN2000-50KTL-M3, serial: SIM00100001, rated_kw: 50}}",
-    "inv02": "{id: inv02, link: lan, unit: 2, profile: sungrow-sg, expect: {model: SG50CX, serial: SIM00200002, rated_kw: 110}}",
+    "inv02": "{id: inv02, link: lan, unit: 2, profile: sungrow-sg, "
+             "expect: {model: SG50CX, serial: SIM00200002, rated_kw: 110}}",
     "meter": "{id: meter, link: lan, unit: 3, profile: chint-dtsu666}",
     "inv05": "{id: inv05, link: bus1, unit: 5, profile: sungrow-sg, expect: {serial: SIM00500005, rated_kw: 33}}",
 }
@@ -288,5 +289,6 @@ def test_a_serial_port_held_by_another_process_is_named_not_opened(tmp_path: Pat
     run = commission(site, tmp_path / "out", "--duration", "0")
     assert run.rc == 1
     (row,) = [r for r in md_rows(run.report("md"), "inv05") if r[1] == "Device answers"]
-    assert row[3] == "fail" and f"is held by the agent, process {holder.pid}" in row[4] and "systemctl stop pvgate" in row[4]
+    assert row[3] == "fail" and f"is held by the agent, process {holder.pid}" in row[4]
+    assert "systemctl stop pvgate" in row[4]
     assert verdicts(run.report("md"), "inv01")["Device answers"] == "pass"

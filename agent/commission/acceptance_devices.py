@@ -113,8 +113,8 @@ def judge(r: DeviceResult, capacity_kwp: float | None) -> None:
             n=r.answers, m=r.attempts, error=r.error), who))
     else:
         ms = sum(r.poll_ms) / len(r.poll_ms) if r.poll_ms else 0.0
-        r.checks.append(Check(_("Device answers"), PASS, _("answered {n} of {m} reads, {ms:.0f} ms per full read").format(
-            n=r.answers, m=r.attempts, ms=ms), who))
+        text = _("answered {n} of {m} reads, {ms:.0f} ms per full read")
+        r.checks.append(Check(_("Device answers"), PASS, text.format(n=r.answers, m=r.attempts, ms=ms), who))
     r.checks.append(_identity_check(r))
     r.checks.append(_readings_check(r, capacity_kwp))
 
@@ -132,14 +132,15 @@ def _identity_check(r: DeviceResult) -> Check:
     name, who = _("Identity (model, serial, rated power)"), r.device.id
     dmap = r.dmap or r.device.profile
     points = {p.key: p for p in dmap.identity}
-    read = ", ".join(f"{_label(k)} {identity_text(r.identity.get(k), points.get(k))}{' kW' if k == 'rated_power_kw' else ''}"
+    read = ", ".join(f"{_label(k)} {identity_text(r.identity.get(k), points.get(k))}"
+                     + (" kW" if k == "rated_power_kw" else "")
                      for k in ("model", "serial", "rated_power_kw") if k in r.identity)
     exp = r.device.expect
     if exp is None and not points:
         return Check(name, PASS, _("the device map has no nameplate registers; nothing to compare"), who)
     if exp is None:
-        return Check(name, WARN if not read else PASS,
-                     _("not declared in the site file (expect:); the device reports: {read}").format(read=read or "-"), who)
+        text = _("not declared in the site file (expect:); the device reports: {read}")
+        return Check(name, WARN if not read else PASS, text.format(read=read or "-"), who)
     wrong: list[str] = []
     missing: list[str] = []
     for key, want in (("model", exp.model), ("serial", exp.serial)):
@@ -214,7 +215,8 @@ def _readings_check(r: DeviceResult, capacity_kwp: float | None) -> Check:
     unavailable = sorted({f.split(":", 1)[1] for f in r.flags if f.startswith(("invalid:", "refused:"))}
                          - read - conditional)
     if bad or undecodable:
-        what = [f"{k} {v}" for k, v in sorted(bad.items())] + [_("{key} undecodable").format(key=k) for k in undecodable]
+        what = [f"{k} {v}" for k, v in sorted(bad.items())]
+        what += [_("{key} undecodable").format(key=k) for k in undecodable]
         return Check(name, FAIL, _("implausible: {what}").format(what="; ".join(what)), who)
     if unavailable:
         return Check(name, WARN, _("{n} points plausible; not available from the device: {keys}").format(

@@ -205,10 +205,12 @@ table.station { width: auto; } table.readings { font-size: 12px; } table.station
 .verdict { font-size: 20px; font-weight: bold; padding: 8px 14px; display: inline-block; margin: 8px 0; }
 .passed { background: #dff3e0; color: #17612a; border: 2px solid #2e8b57; }
 .failed { background: #fbe0e0; color: #9b1c1c; border: 2px solid #c0392b; }
-td.pass, td.fail, td.warn { white-space: nowrap; } td.pass { color: #17612a; font-weight: bold; } td.fail { color: #fff; background: #c0392b; font-weight: bold; }
+td.pass, td.fail, td.warn { white-space: nowrap; } td.pass { color: #17612a; font-weight: bold; }
+td.fail { color: #fff; background: #c0392b; font-weight: bold; }
 td.warn { color: #8a5a00; background: #fff4d6; font-weight: bold; }
 .legend span { display: inline-block; margin: 2px 10px 2px 0; white-space: nowrap; }
-.legend i { display: inline-block; width: 22px; height: 0; border-top: 3px solid; vertical-align: middle; margin-right: 4px; }
+.legend i { display: inline-block; width: 22px; height: 0; border-top: 3px solid; vertical-align: middle;
+            margin-right: 4px; }
 .note { color: #555; font-size: 12px; }
 .sign { display: grid; grid-template-columns: 1fr 1fr 1fr; gap: 24px; margin-top: 18px; }
 .sign div { border-top: 1px solid #333; padding-top: 4px; min-height: 90px; }

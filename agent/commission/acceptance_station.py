@@ -55,9 +55,10 @@ def check_broker(cfg: SiteConfig, timeout_s: float = BROKER_TIMEOUT_S) -> list[C
     except TlsSetupError as err:
         return [Check(name_c, FAIL, str(err)), _skipped(name_p)]
     except ssl.SSLError as err:
-        return [Check(name_c, FAIL, _("TLS with {where} failed: {error}").format(where=where, error=err)), _skipped(name_p)]
+        return [Check(name_c, FAIL, _tls_failed(where, err)), _skipped(name_p)]
     except (OSError, ValueError) as err:
-        return [Check(name_c, FAIL, _("cannot reach {where}: {error}").format(where=where, error=err)), _skipped(name_p)]
+        text = _("cannot reach {where}: {error}").format(where=where, error=err)
+        return [Check(name_c, FAIL, text), _skipped(name_p)]
     try:
         return _converse(client, cfg, state, where, timeout_s)
     finally:
@@ -96,11 +97,12 @@ def _converse(client: mqtt.Client, cfg: SiteConfig, state: dict[str, object], wh
     try:
         got = _wait(client, state, "connack", time.monotonic() + timeout_s)
     except ssl.SSLError as err:
-        return [Check(name_c, FAIL, _("TLS with {where} failed: {error}").format(where=where, error=err)), _skipped(name_p)]
+        return [Check(name_c, FAIL, _tls_failed(where, err)), _skipped(name_p)]
     reason = state.get("connack")
     if not got or getattr(reason, "is_failure", True):
         why = str(reason) if got else _("no answer within {s:g} s").format(s=timeout_s)
-        hint = _(" (check mqtt.username and the password)") if "auth" in why.lower() or "password" in why.lower() else ""
+        bad_login = "auth" in why.lower() or "password" in why.lower()
+        hint = _(" (check mqtt.username and the password)") if bad_login else ""
         return [Check(name_c, FAIL, _("{where} refused the connection: {why}").format(where=where, why=why) + hint),
                 _skipped(name_p)]
     login = _(", as {user}").format(user=cfg.mqtt.username) if cfg.mqtt.username else ""
@@ -114,7 +116,8 @@ def _converse(client: mqtt.Client, cfg: SiteConfig, state: dict[str, object], wh
     _wait(client, state, "puback", start + timeout_s)
     ack = state.get("puback")
     if not isinstance(ack, tuple) or ack[0] != info.mid:
-        checks.append(Check(name_p, FAIL, _("no acknowledgement for {topic} within {s:g} s").format(topic=topic, s=timeout_s)))
+        text = _("no acknowledgement for {topic} within {s:g} s").format(topic=topic, s=timeout_s)
+        checks.append(Check(name_p, FAIL, text))
     elif getattr(ack[1], "is_failure", False):
         checks.append(Check(name_p, FAIL, _("the broker refused {topic}: {why} (check the broker's ACL)").format(
             topic=topic, why=ack[1])))
@@ -122,6 +125,10 @@ def _converse(client: mqtt.Client, cfg: SiteConfig, state: dict[str, object], wh
         checks.append(Check(name_p, PASS, _("QoS 1 message on {topic} acknowledged in {ms:.0f} ms").format(
             topic=topic, ms=(time.monotonic() - start) * 1000)))
     return checks
+
+
+def _tls_failed(where: str, err: Exception) -> str:
+    return _("TLS with {where} failed: {error}").format(where=where, error=err)
 
 
 def _skipped(name: str) -> Check:
@@ -138,7 +145,8 @@ def check_clock(cfg: SiteConfig, synced: bool | None = None, wall_ms: float | No
     wall_ms = time.time() * 1000 if wall_ms is None else wall_ms
     now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall_ms / 1000))
     if wall_ms < RELEASE_FLOOR_MS:
-        return Check(name, FAIL, _("the clock says {now}, before this software was released: set the time").format(now=now))
+        text = _("the clock says {now}, before this software was released: set the time")
+        return Check(name, FAIL, text.format(now=now))
     if synced:
         return Check(name, PASS, _("synchronised (NTP); {now}").format(now=now))
     assume = cfg.agent.clock_sync == "assume"
