@@ -292,3 +292,64 @@ def test_a_serial_port_held_by_another_process_is_named_not_opened(tmp_path: Pat
     assert row[3] == "fail" and f"is held by the agent, process {holder.pid}" in row[4]
     assert "systemctl stop pvgate" in row[4]
     assert verdicts(run.report("md"), "inv01")["Device answers"] == "pass"
+
+
+# --- (g) the site file, and the verdicts on their own ---------------------------------------------
+
+
+def test_a_bad_site_file_exits_78_with_its_line(tmp_path: Path) -> None:
+    site = write_site(tmp_path, Station(1502, tmp_path / "tty"), 1883,
+                      ["{id: inv01, link: lan, unit: 1, profile: huawei-sun2000, expect: {serial: SN1, rated_kw: -5}}"])
+    run = commission(site, tmp_path / "out", "--duration", "0")
+    assert run.rc == 78, run.stdout + run.stderr
+    assert re.search(r"site\.yaml:\d+: devices\[0\]\.expect\.rated_kw: expected the rated AC power", run.stderr)
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
+def _site_cfg(tmp_path: Path, clock_sync: str) -> Any:
+    from agent.config import load_site
+
+    path = write_site(tmp_path, Station(1502, tmp_path / "tty"), 1883, [GOOD["inv01"]])
+    path.write_text(path.read_text(encoding="utf-8").replace("clock_sync: assume", f"clock_sync: {clock_sync}"),
+                    encoding="utf-8")
+    return load_site(str(path))
+
+
+@pytest.mark.parametrize(("clock_sync", "synced", "wall_ms", "status"), [
+    ("kernel", True, 1_800_000_000_000, "pass"),
+    ("kernel", False, 1_800_000_000_000, "fail"),  # the agent would hold readings back
+    ("kernel", None, 1_800_000_000_000, "warn"),
+    ("assume", False, 1_800_000_000_000, "warn"),
+    ("assume", True, 1_700_000_000_000, "fail"),  # an RTC back at an old date is never right
+])
+def test_the_clock_verdict(tmp_path: Path, clock_sync: str, synced: bool | None, wall_ms: int, status: str) -> None:
+    from agent.commission.acceptance_station import check_clock
+
+    got = check_clock(_site_cfg(tmp_path, clock_sync), probe=lambda: synced, wall=lambda: wall_ms / 1000)
+    assert got.status == status
+
+
+def test_identity_compares_model_codes_case_and_rating(tmp_path: Path) -> None:
+    """Unit test with hand-made readings (no device): what counts as the same nameplate."""
+    from dataclasses import replace
+
+    from agent.commission.acceptance_devices import judge
+    from agent.commission.acceptance_model import DeviceResult, Sample
+    from drivers.devicemap import ProfileLibrary
+    from drivers.model import Nameplate
+
+    cfg = _site_cfg(tmp_path, "assume")
+    sungrow = replace(cfg.devices[0], profile=ProfileLibrary.default().get("sungrow-sg"))
+
+    def verdict(expect: Nameplate, identity: dict[str, Any]) -> str:
+        r = DeviceResult(replace(sungrow, expect=expect), answers=2, attempts=2, identity=identity,
+                         samples=[Sample(0.0, {"ac_power": 30.0})])
+        judge(r, None)
+        return r.checks[1].status
+
+    plate = {"model": 0x2C02, "serial": "A2231234567", "rated_power_kw": 50.0}
+    assert verdict(Nameplate("SG50CX", "a2231234567 ", 50), plate) == "pass"
+    assert verdict(Nameplate(str(0x2C02), None, 50.5), plate) == "pass"  # the code itself; rating rounded
+    assert verdict(Nameplate("SG33CX"), plate) == "fail"
+    assert verdict(Nameplate(None, None, 55), plate) == "fail"
+    assert verdict(Nameplate(None, "A2231234567"), {"model": 0x2C02}) == "warn"  # serial not reported

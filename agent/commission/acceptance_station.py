@@ -17,6 +17,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -138,11 +139,11 @@ def _skipped(name: str) -> Check:
 # --- the clock -----------------------------------------------------------------------------
 
 
-def check_clock(cfg: SiteConfig, synced: bool | None = None, wall_ms: float | None = None) -> Check:
+def check_clock(cfg: SiteConfig, probe: Callable[[], bool | None] = probe_sync,
+                wall: Callable[[], float] = time.time) -> Check:
     """Synchronised per the kernel; `agent.clock_sync: assume` accepts a clock past the release date."""
     name = _("Clock synchronised")
-    synced = probe_sync() if synced is None else synced
-    wall_ms = time.time() * 1000 if wall_ms is None else wall_ms
+    synced, wall_ms = probe(), wall() * 1000
     now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall_ms / 1000))
     if wall_ms < RELEASE_FLOOR_MS:
         text = _("the clock says {now}, before this software was released: set the time")
