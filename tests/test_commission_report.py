@@ -29,6 +29,7 @@ import pytest
 from support.broker import Broker
 from support.ports import free_port
 from support.procs import Proc, require_tool
+from test_tls import PASSWORDS, SITE_A, Pki, make_pki, tls_broker  # noqa: F401 (tls_broker: a fixture)
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +86,9 @@ def station(procs: ProcStarter, tmp_path: Path) -> Station:
 
 
 def write_site(tmp_path: Path, st: Station, mqtt_port: int, devices: list[str], *, name: str = "test station",
-               language: str | None = None, mqtt_extra: str = "", file: str = "site.yaml") -> Path:
-    lines = ["site:", "  id: gucheng", f"  name: {name}", "  timezone: Asia/Shanghai", "  capacity_kwp: 300",
+               language: str | None = None, mqtt_extra: str = "", file: str = "site.yaml",
+               site_id: str = "gucheng") -> Path:
+    lines = ["site:", f"  id: {site_id}", f"  name: {name}", "  timezone: Asia/Shanghai", "  capacity_kwp: 300",
              *([f"  language: {language}"] if language else []),
              "mqtt:", "  host: 127.0.0.1", f"  port: {mqtt_port}", "  topic_prefix: pvgate",
              *(f"  {line}" for line in mqtt_extra.splitlines()),
@@ -353,3 +355,28 @@ def test_identity_compares_model_codes_case_and_rating(tmp_path: Path) -> None:
     assert verdict(Nameplate("SG33CX"), plate) == "fail"
     assert verdict(Nameplate(None, None, 55), plate) == "fail"
     assert verdict(Nameplate(None, "A2231234567"), {"model": 0x2C02}) == "warn"  # serial not reported
+
+
+# --- (h) TLS --------------------------------------------------------------------------------------
+
+
+def test_tls_with_client_certificate_and_login_passes_and_a_wrong_ca_fails(
+        tmp_path: Path, station: Station, tls_broker: tuple[Broker, Pki]) -> None:
+    """The broker of test_tls (require_certificate, passwords, the documented ACL)."""
+    broker, pki = tls_broker
+    tls = f"tls: {{ca_file: {pki['ca.crt']}, cert_file: {pki[SITE_A + '.crt']}, key_file: {pki[SITE_A + '.key']}}}"
+    login = f"username: {SITE_A}\npassword: ${{PVGATE_TEST_MQTT_PW}}"
+    env = {"PVGATE_TEST_MQTT_PW": PASSWORDS[SITE_A]}
+    site = write_site(tmp_path, station, broker.port, [GOOD["inv01"]], site_id=SITE_A, mqtt_extra=f"{tls}\n{login}")
+    run = commission(site, tmp_path / "ok", "--duration", "0", env=env)
+    assert run.rc == 0, run.stdout + run.stderr
+    md = run.report("md")
+    assert f"connected to 127.0.0.1:{broker.port} (TLS), as {SITE_A}" in md
+    assert f"QoS 1 message on pvgate/{SITE_A}/commission acknowledged" in md
+
+    other = make_pki(tmp_path / "other-ca")  # a CA that did not sign the broker's certificate
+    site.write_text(site.read_text(encoding="utf-8").replace(pki["ca.crt"], other["ca.crt"]), encoding="utf-8")
+    bad = commission(site, tmp_path / "bad", "--duration", "0", env=env)
+    assert bad.rc == 1
+    (row,) = [r for r in md_rows(bad.report("md"), "station") if r[1].startswith("Broker connection")]
+    assert row[3] == "fail" and "TLS with 127.0.0.1:" in row[4] and "certificate verify failed" in row[4], row
