@@ -111,7 +111,9 @@ class Run:
     out: Path
 
     def report(self, ext: str) -> str:
-        (path,) = self.out.glob(f"acceptance-*.{ext}")
+        """The report (md, html) or the inverters' plot (svg); meters-svg for the meters' plot."""
+        (path,) = [p for p in self.out.glob(f"acceptance-*.{ext.split('-')[-1]}")
+                   if p.name.endswith("-meters.svg") == (ext == "meters-svg")]
         return path.read_text(encoding="utf-8")
 
     def html_path(self) -> Path:
@@ -155,8 +157,10 @@ def test_everything_right_passes(tmp_path: Path, station: Station, broker: Broke
     assert verdicts(md, "inv05")["Identity (model, serial, rated power)"] == "pass"  # over the RS-485 pty
     assert "| inv01 | - | lan / 1 | huawei-sun2000 | SUN2000-50KTL-M3 | SIM00100001 | 50 kW |" in md
     # Readings taken during the check: two samples per device, plotted as one line each.
-    svg = run.report("svg")
-    assert svg.count("<polyline") == 4 and svg.count("<circle") == 8
+    svg, meters = run.report("svg"), run.report("meters-svg")
+    assert svg.count("<polyline") == 3 and svg.count("<circle") == 6  # inv01, inv02, inv05
+    assert meters.count("<polyline") == 1 and meters.count("<circle") == 2
+    assert "](acceptance-gucheng-" in md and "-meters.svg)" in md
     assert "<svg" in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "Acceptance PASSED" in run.stdout
 
@@ -380,3 +384,24 @@ def test_tls_with_client_certificate_and_login_passes_and_a_wrong_ca_fails(
     assert bad.rc == 1
     (row,) = [r for r in md_rows(bad.report("md"), "station") if r[1].startswith("Broker connection")]
     assert row[3] == "fail" and "TLS with 127.0.0.1:" in row[4] and "certificate verify failed" in row[4], row
+
+
+def test_the_budget_verdict_takes_the_measured_read_times(tmp_path: Path) -> None:
+    """Unit test: `pvgate plan`'s figures, and a bus whose devices answer slower than planned."""
+    from dataclasses import replace
+
+    from agent.commission.acceptance import measured_load
+    from agent.commission.acceptance_model import Acceptance, DeviceResult
+    from agent.commission.acceptance_station import check_budget
+
+    cfg = _site_cfg(tmp_path, "assume")
+    cfg = replace(cfg, devices=(replace(cfg.devices[0], link="bus1"),))
+    (planned,) = check_budget(cfg)
+    assert planned.status == "pass" and planned.detail.startswith("link bus1: ")
+    result = Acceptance("site.yaml", "gucheng", "x", None, "Asia/Shanghai", None, 0, 0.0, "0", "en",
+                        devices=[DeviceResult(cfg.devices[0], answers=3, attempts=3, poll_ms=[900.0, 1100.0])])
+    load = measured_load(result)
+    assert load == {"bus1": pytest.approx(1.0 / cfg.devices[0].interval_s)}
+    (slow,) = check_budget(cfg, {"bus1": 1.2})
+    assert slow.status == "fail" and "measured during the check: 120%" in slow.detail
+    assert check_budget(cfg, {"bus1": 0.85})[0].status == "warn"

@@ -107,8 +107,18 @@ async def run_acceptance(cfg: SiteConfig, duration_s: float) -> Acceptance:
         judge(r, cfg.site.capacity_kwp)
     result.station_checks += await broker
     result.station_checks.append(check_clock(cfg))
-    result.station_checks += check_budget(cfg)
+    result.station_checks += check_budget(cfg, measured_load(result))
     return result
+
+
+def measured_load(result: Acceptance) -> dict[str, float]:
+    """Per link, the share of its time the devices' measured full reads take at their intervals."""
+    out: dict[str, float] = {}
+    for r in result.devices:
+        if r.poll_ms:
+            mean_s = sum(r.poll_ms) / len(r.poll_ms) / 1000.0
+            out[r.device.link] = out.get(r.device.link, 0.0) + mean_s / r.device.interval_s
+    return out
 
 
 def status_text(status: str) -> str:

@@ -18,9 +18,12 @@ W, H = 960, 380
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 20, 50
 
 
-def series(result: Acceptance, key: str) -> list[tuple[DeviceResult, list[tuple[float, float]]]]:
+def series(result: Acceptance, key: str, meters: bool) -> list[tuple[DeviceResult, list[tuple[float, float]]]]:
+    """Each inverter's (or each meter's: a station meter would flatten the inverters' lines) samples."""
     out = []
     for r in result.devices:
+        if r.meter != meters:
+            continue
         points = [(s.t_s, float(v)) for s in r.samples if isinstance((v := s.values.get(key)), (int, float))
                   and not isinstance(v, bool)]
         if points:
@@ -40,9 +43,9 @@ def _nice_step(span: float, ticks: int = 5) -> float:
     return next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
 
 
-def svg_chart(result: Acceptance, key: str, title: str, x_label: str, y_label: str) -> str:
+def svg_chart(result: Acceptance, key: str, title: str, x_label: str, y_label: str, meters: bool = False) -> str:
     """The chart; an empty string when no device read `key`."""
-    lines = series(result, key)
+    lines = series(result, key, meters)
     if not lines:
         return ""
     xs = [t for _, pts in lines for t, _v in pts]
@@ -87,6 +90,6 @@ def svg_chart(result: Acceptance, key: str, title: str, x_label: str, y_label: s
     return "\n".join(out)
 
 
-def legend(result: Acceptance, key: str) -> list[tuple[str, str, str]]:
+def legend(result: Acceptance, key: str, meters: bool = False) -> list[tuple[str, str, str]]:
     """(device id, colour, dash) in the chart's order, for the legend under it."""
-    return [(r.device.id, *colour(i)) for i, (r, _pts) in enumerate(series(result, key))]
+    return [(r.device.id, *colour(i)) for i, (r, _pts) in enumerate(series(result, key, meters))]

@@ -7,6 +7,7 @@ identity, its readings during the check, the plot, and the sign-off lines.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -24,18 +25,25 @@ READING_KEYS = ("ac_power", "dc_power", "phase_a_voltage", "grid_frequency", "po
 PLOT_KEY = "ac_power"
 
 
+@dataclass(frozen=True)
+class Chart:
+    title: str
+    svg: str
+    legend: list[tuple[str, str, str]]  # (device, colour, dash)
+    file: str  # the .svg beside the Markdown report
+
+
 def write_reports(result: Acceptance, out_dir: Path) -> list[Path]:
-    """report.md, report.html and the plot's .svg in out_dir; their paths."""
+    """report.html, report.md and the plots' .svg files in out_dir; their paths."""
     stamp = datetime.fromtimestamp(result.started_ms / 1000, _zone(result)).strftime("%Y%m%d-%H%M%S")
-    stem = out_dir / f"acceptance-{result.site_id}-{stamp}"
-    svg = _chart(result)
-    paths = [stem.with_suffix(".html"), stem.with_suffix(".md")]
-    paths[0].write_text(render_html(result, svg), encoding="utf-8")
-    svg_name = stem.name + ".svg" if svg else ""
-    if svg:
-        stem.with_suffix(".svg").write_text(svg + "\n", encoding="utf-8")
-        paths.append(stem.with_suffix(".svg"))
-    paths[1].write_text(render_markdown(result, svg_name), encoding="utf-8")
+    stem = f"acceptance-{result.site_id}-{stamp}"
+    charts = _charts(result, stem)
+    paths = [out_dir / f"{stem}.html", out_dir / f"{stem}.md"]
+    paths[0].write_text(render_html(result, charts), encoding="utf-8")
+    paths[1].write_text(render_markdown(result, charts), encoding="utf-8")
+    for chart in charts:
+        paths.append(out_dir / chart.file)
+        paths[-1].write_text(chart.svg + "\n", encoding="utf-8")
     return paths
 
 
@@ -43,9 +51,14 @@ def _zone(result: Acceptance) -> ZoneInfo:
     return ZoneInfo(result.timezone)
 
 
-def _chart(result: Acceptance) -> str:
-    return svg_chart(result, PLOT_KEY, _("AC power during the check"), _("seconds since the start of the check"),
-                     _("AC power (kW)"))
+def _charts(result: Acceptance, stem: str) -> list[Chart]:
+    out = []
+    for meters, title, suffix in ((False, _("Inverters: AC power during the check"), ""),
+                                  (True, _("Meters: AC power during the check"), "-meters")):
+        svg = svg_chart(result, PLOT_KEY, title, _("seconds since the start of the check"), _("AC power (kW)"), meters)
+        if svg:
+            out.append(Chart(title, svg, legend(result, PLOT_KEY, meters), f"{stem}{suffix}.svg"))
+    return out
 
 
 # --- the tables ---------------------------------------------------------------------------------
@@ -54,7 +67,7 @@ def _chart(result: Acceptance) -> str:
 def headings() -> dict[str, str]:
     """The report's section headings (translated here: a message inside an f-string is not extracted)."""
     return {"result": _("Result"), "checks": _("Checks"), "identity": _("Device identity"),
-            "readings": _("Readings during the check"), "plot": _("AC power during the check"),
+            "readings": _("Readings during the check"),
             "signoff": _("Sign-off"), "signature": _("Signature"), "date": _("Date")}
 
 
@@ -122,12 +135,13 @@ def identity_table(result: Acceptance) -> Table:
     return header, rows
 
 
-def _cell(values: list[Value]) -> str:
+def _cell(values: list[Value], counter: bool) -> str:
     nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not nums:
         return str(values[-1]) if values else "-"
     lo, hi, last = (_num(x) for x in (min(nums), max(nums), nums[-1]))
-    return last if lo == hi else f"{last} ({lo}–{hi})"
+    # An energy counter only grows: its last value is the one to compare with the display.
+    return last if lo == hi or counter else f"{last} ({lo}–{hi})"
 
 
 def _num(x: float) -> str:
@@ -144,7 +158,8 @@ def readings_table(result: Acceptance) -> Table:
     rows = []
     for r in result.devices:
         row = [r.device.id, f"{len(r.samples)}"]
-        row += [_cell([s.values[k] for s in r.samples if k in s.values]) for k in keys]
+        counters = {p.key for p in (r.dmap or r.device.profile).points if p.counter}
+        row += [_cell([s.values[k] for s in r.samples if k in s.values], k in counters) for k in keys]
         rows.append(row)
     return header, rows
 
@@ -174,7 +189,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def render_markdown(result: Acceptance, svg_name: str) -> str:
+def render_markdown(result: Acceptance, charts: list[Chart]) -> str:
     lines = [f"# {title(result)}", ""]
     lines += _md_table([_("Item"), _("Value")], [[k, v] for k, v in station_rows(result)])
     h = headings()
@@ -183,8 +198,8 @@ def render_markdown(result: Acceptance, svg_name: str) -> str:
     lines += [f"## {h['checks']}", "", *_md_table(*checks_table(result)), ""]
     lines += [f"## {h['identity']}", "", *_md_table(*identity_table(result)), ""]
     lines += [f"## {h['readings']}", "", *_md_table(*readings_table(result)), "", _note(result), ""]
-    if svg_name:
-        lines += [f"![{h['plot']}]({svg_name})", ""]
+    for chart in charts:
+        lines += [f"### {chart.title}", "", f"![{chart.title}]({chart.file})", ""]
     lines += [f"## {h['signoff']}", ""]
     for role in signoff_roles():
         lines += [f"{role}: ____________________　{h['signature']}: ____________________　{h['date']}: ____________", ""]
@@ -235,7 +250,7 @@ def _status_class(word: str) -> str:
     return {status_word(PASS): "pass", status_word(FAIL): "fail"}.get(word, "warn")
 
 
-def render_html(result: Acceptance, svg: str) -> str:
+def render_html(result: Acceptance, charts: list[Chart]) -> str:
     lang = "zh-CN" if result.language == "zh-CN" else "en"
     h = headings()
     station = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in station_rows(result))
@@ -246,15 +261,15 @@ def render_html(result: Acceptance, svg: str) -> str:
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{escape(title(result))}</title><style>{CSS}</style></head><body>",
              f"<h1>{escape(title(result))}</h1>", f'<table class="station">{station}</table>',
-             f'<div class="verdict {cls}">{escape(_("Result"))}: {escape(verdict(result))}</div> {escape(summary)}',
+             f'<div class="verdict {cls}">{escape(h["result"])}: {escape(verdict(result))}</div> {escape(summary)}',
              f"<h2>{escape(h['checks'])}</h2>", _html_table(*checks_table(result), status_col=3),
              f"<h2>{escape(h['identity'])}</h2>", _html_table(*identity_table(result)),
              f"<h2>{escape(h['readings'])}</h2>", _html_table(*readings_table(result), cls="readings"),
              f'<p class="note">{escape(_note(result))}</p>']
-    if svg:
+    for chart in charts:
         keys = "".join(f'<span><i style="border-color:{c};{"border-top-style:dashed;" if d else ""}"></i>'
-                       f"{escape(dev)}</span>" for dev, c, d in legend(result, PLOT_KEY))
-        parts += [f"<h2>{escape(h['plot'])}</h2>", svg, f'<div class="legend">{keys}</div>']
+                       f"{escape(dev)}</span>" for dev, c, d in chart.legend)
+        parts += [f"<h2>{escape(chart.title)}</h2>", chart.svg, f'<div class="legend">{keys}</div>']
     parts.append(f"<h2>{escape(h['signoff'])}</h2><div class=\"sign\">")
     for role in signoff_roles():
         parts.append(f"<div><b>{escape(role)}</b><br>{escape(h['signature'])}:<br><br>{escape(h['date'])}:</div>")

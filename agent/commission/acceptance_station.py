@@ -164,18 +164,28 @@ def check_clock(cfg: SiteConfig, probe: Callable[[], bool | None] = probe_sync,
 # --- the bus budget --------------------------------------------------------------------------
 
 
-def check_budget(cfg: SiteConfig) -> list[Check]:
+def _load_status(load: float) -> str:
+    return PASS if load <= WARN_LOAD else WARN if load <= 1.0 else FAIL
+
+
+def check_budget(cfg: SiteConfig, measured: dict[str, float] | None = None) -> list[Check]:
+    """The planned bus load per serial link (`pvgate plan`'s figures) and, where the check read the
+    devices, the load their measured read times ask for: a slow DTU or a slow device shows there."""
     name = _("Bus time budget")
     out = []
     for link in cfg.links:
         if not wire_limited(link) or not cfg.devices_on(link.id):
             continue
         b = link_budget(cfg, link)
-        status = PASS if b.load <= WARN_LOAD else WARN if b.load <= 1.0 else FAIL
-        out.append(Check(name, status, _("link {link}: {load:.0%} of the bus time at {baud}; one cycle of {n} "
-                                         "devices takes {cycle:.2f} s, shortest interval {interval:g} s").format(
-            link=link.id, load=b.load, baud=baud_text(link), n=len(b.devices), cycle=b.cycle_s,
-            interval=b.shortest_interval_s)))
+        status = _load_status(b.load)
+        detail = _("link {link}: {load:.0%} of the bus time at {baud}; one cycle of {n} devices takes {cycle:.2f} s, "
+                   "shortest interval {interval:g} s").format(link=link.id, load=b.load, baud=baud_text(link),
+                                                             n=len(b.devices), cycle=b.cycle_s,
+                                                             interval=b.shortest_interval_s)
+        if measured and link.id in measured:
+            status = max(status, _load_status(measured[link.id]), key=(PASS, WARN, FAIL).index)
+            detail += _("; measured during the check: {load:.0%}").format(load=measured[link.id])
+        out.append(Check(name, status, detail))
     if not out:
         out.append(Check(name, PASS, _("Modbus TCP links only: not limited by a serial wire")))
     return out
