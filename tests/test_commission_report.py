@@ -45,6 +45,7 @@ listeners:
       - {{unit: 1, profile: huawei-sun2000, rated_kw: 50}}
       - {{unit: 2, profile: sungrow-sg, rated_kw: 110}}
       - {{unit: 3, profile: chint-dtsu666, rated_kw: 160}}
+      - {{unit: 4, profile: sunspec, rated_kw: 40}}
   - listen: rtu://{pty}?baudrate=9600&parity=N&turnaround_ms=10
     devices:
       - {{unit: 5, profile: sungrow-sg, rated_kw: 33}}
@@ -58,6 +59,7 @@ GOOD = {
     "inv02": "{id: inv02, link: lan, unit: 2, profile: sungrow-sg, "
              "expect: {model: SG50CX, serial: SIM00200002, rated_kw: 110}}",
     "meter": "{id: meter, link: lan, unit: 3, profile: chint-dtsu666}",
+    "inv04": "{id: inv04, link: lan, unit: 4, profile: sunspec, expect: {model: SIM-SUNSPEC-40, rated_kw: 40}}",
     "inv05": "{id: inv05, link: bus1, unit: 5, profile: sungrow-sg, expect: {serial: SIM00500005, rated_kw: 33}}",
 }
 
@@ -155,10 +157,11 @@ def test_everything_right_passes(tmp_path: Path, station: Station, broker: Broke
         assert got["Readings plausible"] in ("pass", "warning"), md
     assert verdicts(md, "inv01")["Identity (model, serial, rated power)"] == "pass"
     assert verdicts(md, "inv05")["Identity (model, serial, rated power)"] == "pass"  # over the RS-485 pty
+    assert verdicts(md, "inv04")["Identity (model, serial, rated power)"] == "pass"  # after SunSpec discovery
     assert "| inv01 | - | lan / 1 | huawei-sun2000 | SUN2000-50KTL-M3 | SIM00100001 | 50 kW |" in md
     # Readings taken during the check: two samples per device, plotted as one line each.
     svg, meters = run.report("svg"), run.report("meters-svg")
-    assert svg.count("<polyline") == 3 and svg.count("<circle") == 6  # inv01, inv02, inv05
+    assert svg.count("<polyline") == 4 and svg.count("<circle") == 8  # inv01, inv02, inv04 (SunSpec), inv05
     assert meters.count("<polyline") == 1 and meters.count("<circle") == 2
     assert "](acceptance-gucheng-" in md and "-meters.svg)" in md
     assert "<svg" in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
@@ -181,7 +184,7 @@ def test_a_wrong_serial_and_a_silent_unit_fail_and_are_named(tmp_path: Path, sta
     assert ident and ident[0][3] == "fail" and "SG2207123456" in ident[0][4] and "SIM00200002" in ident[0][4], md
     silent = [r for r in md_rows(md, "inv09") if r[1] == "Device answers"]
     assert silent and silent[0][3] == "fail" and "no answer" in silent[0][4], md
-    for other in ("inv01", "meter", "inv05"):  # nothing else is blamed
+    for other in ("inv01", "meter", "inv04", "inv05"):  # nothing else is blamed
         assert set(verdicts(md, other).values()) <= {"pass", "warning"}, md
     for text in ("SG2207123456", "SIM00200002", "inv09", "no answer from unit 9"):
         assert text in html, text
@@ -195,7 +198,8 @@ def test_a_wrong_serial_and_a_silent_unit_fail_and_are_named(tmp_path: Path, sta
 
 def test_a_chinese_station_end_to_end(tmp_path: Path, station: Station, broker: Broker,
                                       collector_factory: Callable[..., Any]) -> None:
-    names = {"inv01": "1号逆变器（东排）", "inv02": "2号逆变器（西排）", "meter": "并网点电表", "inv05": "5号逆变器"}
+    names = {"inv01": "1号逆变器（东排）", "inv02": "2号逆变器（西排）", "meter": "并网点电表", "inv04": "4号逆变器",
+             "inv05": "5号逆变器"}
     devices = [d.replace("{id: " + k + ",", "{id: " + k + ", name: " + names[k] + ",") for k, d in GOOD.items()]
     site = write_site(tmp_path, station, broker.port, devices, name="故城村 村级光伏电站", language="zh-CN")
     got = collector_factory("pvgate/gucheng/commission")

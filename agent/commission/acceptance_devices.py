@@ -76,8 +76,8 @@ async def _identify(client: LinkClient, link: Link, r: DeviceResult) -> None:
 
 async def _sample(client: LinkClient, link: Link, r: DeviceResult, t_s: float) -> None:
     dmap = r.dmap or r.device.profile
-    if dmap.sunspec:
-        return  # no model chain, no points: _identify said why
+    if not dmap.points:
+        return  # a SunSpec device whose model chain could not be read: _identify said why
     r.attempts += 1
     start = time.monotonic()
     try:
@@ -112,9 +112,11 @@ def judge(r: DeviceResult, capacity_kwp: float | None) -> None:
         r.checks.append(Check(_("Device answers"), WARN, _("answered {n} of {m} reads; last failure: {error}").format(
             n=r.answers, m=r.attempts, error=r.error), who))
     else:
-        ms = sum(r.poll_ms) / len(r.poll_ms) if r.poll_ms else 0.0
-        text = _("answered {n} of {m} reads, {ms:.0f} ms per full read")
-        r.checks.append(Check(_("Device answers"), PASS, text.format(n=r.answers, m=r.attempts, ms=ms), who))
+        text = _("answered {n} of {m} reads").format(n=r.answers, m=r.attempts)
+        if r.poll_ms:
+            ms = sum(r.poll_ms) / len(r.poll_ms)
+            text += _(", {ms:.0f} ms per full read").format(ms=ms)
+        r.checks.append(Check(_("Device answers"), PASS, text, who))
     r.checks.append(_identity_check(r))
     r.checks.append(_readings_check(r, capacity_kwp))
 
@@ -193,7 +195,7 @@ def rated_kw(r: DeviceResult, capacity_kwp: float | None) -> float | None:
 def _readings_check(r: DeviceResult, capacity_kwp: float | None) -> Check:
     name, who = _("Readings plausible"), r.device.id
     dmap = r.dmap or r.device.profile
-    if dmap.sunspec and not r.samples:
+    if not dmap.points:
         return Check(name, WARN, _("SunSpec model chain read; its points are judged by the agent at run time"), who)
     points = {p.key: p for p in dmap.points}
     read = {k for s in r.samples for k in s.values}
