@@ -5,6 +5,7 @@ loopback ports) and a real mosquitto, which must pass."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -44,6 +45,16 @@ def test_example_site_passes_check_and_plan(site: Path, capsys: pytest.CaptureFi
     for link in cfg.links:
         if wire_limited(link) and cfg.devices_on(link.id):
             assert link_budget(cfg, link).load <= WARN_LOAD, link.id
+
+
+@pytest.mark.parametrize("site", SITES, ids=[p.stem for p in SITES])
+def test_example_site_matches_the_editors_schema(site: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "docs" / "schemas" / "site.json").read_text(encoding="utf-8"))
+    data = json.loads(json.dumps(yaml.safe_load(site.read_text(encoding="utf-8"))))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft202012Validator(schema).iter_errors(data)]
+    assert errors == []
 
 
 @pytest.mark.parametrize("name", WITH_SIM)
