@@ -409,3 +409,13 @@ def test_the_budget_verdict_takes_the_measured_read_times(tmp_path: Path) -> Non
     (slow,) = check_budget(cfg, {"bus1": 1.2})
     assert slow.status == "fail" and "measured during the check: 120%" in slow.detail
     assert check_budget(cfg, {"bus1": 0.85})[0].status == "warn"
+
+
+def test_a_link_that_cannot_be_opened_names_it_for_every_device(tmp_path: Path, broker: Broker) -> None:
+    port = free_port()  # nothing listens there
+    site = write_site(tmp_path, Station(port, tmp_path / "tty"), broker.port, [GOOD["inv01"], GOOD["inv02"]])
+    run = commission(site, tmp_path / "out", "--duration", "1")
+    assert run.rc == 1, run.stdout + run.stderr
+    for dev in ("inv01", "inv02"):
+        (row,) = [r for r in md_rows(run.report("md"), dev) if r[1] == "Device answers"]
+        assert row[3] == "fail" and f"link lan: cannot open 127.0.0.1:{port}" in row[4], row

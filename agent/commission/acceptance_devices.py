@@ -10,6 +10,7 @@ read costs one timeout for that sample, not one per block.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import replace
 
@@ -38,6 +39,11 @@ async def read_link(link: Link, devices: list[Device], duration_s: float, sample
     client = LinkClient(replace(link, retries=0))
     try:
         t0 = time.monotonic()
+        try:
+            await client.connect()
+        except LinkError as err:  # every device's reason, unless one of them gets through later
+            for r in results:
+                r.error = _why(err, link)
         for r in results:
             await _identify(client, link, r)
         step = duration_s / max(samples - 1, 1)
@@ -71,7 +77,7 @@ async def _identify(client: LinkClient, link: Link, r: DeviceResult) -> None:
             r.identity = values
         r.answers += 1
     except (DeviceError, LinkError, DiscoveryError) as err:
-        r.error = _why(err, link)
+        _failed(r, err, link)
 
 
 async def _sample(client: LinkClient, link: Link, r: DeviceResult, t_s: float) -> None:
@@ -84,7 +90,7 @@ async def _sample(client: LinkClient, link: Link, r: DeviceResult, t_s: float) -
         await client.connect()
         values, flags = await read_points(_probe(client, link, r.device), [p for p in dmap.points if p.publish], dmap)
     except (DeviceError, LinkError) as err:
-        r.error = _why(err, link)
+        _failed(r, err, link)
         return
     r.answers += 1
     r.poll_ms.append((time.monotonic() - start) * 1000.0)
@@ -92,8 +98,15 @@ async def _sample(client: LinkClient, link: Link, r: DeviceResult, t_s: float) -
     r.flags.update(flags)
 
 
+def _failed(r: DeviceResult, err: Exception, link: Link) -> None:
+    # "unavailable, next try in" only says the link is still backing off: the first reason stays.
+    if not r.error or "next try in" not in str(err) or "cannot open" in str(err):
+        r.error = _why(err, link)
+
+
 def _why(err: Exception, link: Link) -> str:
-    text = str(err).split(" (next try in")[0]
+    # The agent's reconnect backoff ("next try in ...") means nothing to a one-shot check.
+    text = re.sub(r",? \(?next try in [^)]*\)?", "", str(err))
     if isinstance(err, DeviceError) and err.exception_code is None and link.type is not LinkType.TCP:
         return _("{error} (check the wiring, the unit address on the device and the baud rate)").format(error=text)
     return text
