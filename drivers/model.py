@@ -154,6 +154,16 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Nameplate:
+    """What the site file says a device is (`devices[].expect`); `pvgate commission` compares it
+    with what the device itself reports. None: not declared, not compared."""
+
+    model: str | None = None
+    serial: str | None = None
+    rated_kw: float | None = None
+
+
+@dataclass(frozen=True)
 class Device:
     id: str
     link: str
@@ -167,6 +177,8 @@ class Device:
     # A meter whose CT (or whole meter) sits the other way round: its power signs are flipped
     # and its import/export counters swapped before publishing (drivers.sign.apply_sign).
     invert_power: bool = False
+    name: str = ""  # free text for people (Chinese is fine); the id stays the machine's name
+    expect: Nameplate | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Commissioning commands for the technician on site: plan (and read/scan, added by later work).
+"""Commissioning commands for the technician on site: plan and commission (read/scan live in scan.py).
 
 Each command registers itself in `add_commands`; `agent.cli` calls it with its subparsers.
 """
@@ -14,6 +14,9 @@ from agent.i18n import _
 
 def add_commands(sub: Any) -> None:
     add_plan(sub)
+    from agent.commission.acceptance import add_commission  # `pvgate commission`: the acceptance report
+
+    add_commission(sub)
 
 
 def add_plan(sub: Any) -> None:

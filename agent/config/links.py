@@ -7,13 +7,14 @@ from pathlib import Path
 from agent.config.mqtt import check_host
 from drivers.devicemap import ID_RE, ProfileLibrary
 from drivers.errors import N_, ConfigError, Msg
-from drivers.model import Device, Link, LinkType, SerialSettings
+from drivers.model import Device, Link, LinkType, Nameplate, SerialSettings
 from drivers.yamlsrc import Checker, LDict
 
 LINK_KEYS = ("id", "type", "host", "port", "baudrate", "parity", "stopbits", "bytesize",
              "timeout", "retries", "inter_frame")
 DEVICE_KEYS = ("id", "link", "unit", "profile", "interval", "timeout", "retries",
-               "offline_after", "backoff_max", "invert_power")
+               "offline_after", "backoff_max", "invert_power", "name", "expect")
+EXPECT_KEYS = ("model", "serial", "rated_kw")
 
 
 def links_section(root: LDict, chk: Checker) -> tuple[list[Link], set[str] | None]:
@@ -177,8 +178,27 @@ def _device(node: LDict, path: str, dev_id: str | None, chk: Checker, links: dic
         chk.problem(chk.line_of(node, "offline_after"), f"{path}.offline_after", N_("expected 1..1000 failed polls"))
     backoff = chk.duration(node, "backoff_max", path, 300.0, 1.0)
     invert = chk.get(node, "invert_power", path, bool, False)
+    name = chk.get(node, "name", path, str, "")
+    expect = _expect(node, path, chk) if "expect" in node else None
     if dev_id is None or link is None or profile is None:
         return None
-    return Device(dev_id, link.id, unit, profile, interval, timeout, retries, offline_after, backoff, invert)
+    return Device(dev_id, link.id, unit, profile, interval, timeout, retries, offline_after, backoff, invert,
+                  name.strip(), expect)
+
+
+def _expect(node: LDict, path: str, chk: Checker) -> Nameplate | None:
+    """devices[].expect: the nameplate `pvgate commission` compares with what the device reports."""
+    path = f"{path}.expect"
+    exp = chk.mapping(node["expect"], path, chk.line_of(node, "expect"), EXPECT_KEYS)
+    if exp is None:
+        return None
+    # A serial of digits only is read by YAML as a number: it is still the text on the nameplate.
+    model, serial = (chk.get(exp, k, path, (str, int), None, expected="text") for k in ("model", "serial"))
+    rated = chk.get(exp, "rated_kw", path, float, None)
+    if rated is not None and not 0 < rated <= 100_000:
+        chk.problem(chk.line_of(exp, "rated_kw"), f"{path}.rated_kw", N_("expected the rated AC power in kW, above 0"))
+        rated = None
+    return Nameplate(None if model is None else str(model).strip(), None if serial is None else str(serial).strip(),
+                     rated)
 
 
