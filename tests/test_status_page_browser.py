@@ -30,6 +30,7 @@ SITE_NAME = "故城村"
 ANSWERING = [SimDev("inv01", 1, "huawei-sun2000", 60.0), SimDev("inv02", 2, "sungrow-sg", 40.0),
              SimDev("inv03", 3, "growatt-tl3x", 30.0), SimDev("meter", 11, "chint-dtsu666")]
 SILENT = SimDev("inv04", 4, "huawei-sun2000")  # configured, but nobody answers at unit 4
+LABELS = {"inv01": "一号逆变器", "inv04": "四号逆变器", "meter": "关口电表"}
 DEVICES = [*ANSWERING, SILENT]
 
 
@@ -108,6 +109,8 @@ def station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Station]:
         site = write_site(root / "site.yaml", site_id=SITE_ID, broker_port=broker.port, modbus_port=modbus,
                           devices=DEVICES, interval="1s", timeout="0.3s", extra=page_section(page))
         text = site.read_text(encoding="utf-8").replace("name: 测试电站 test station", f"name: {SITE_NAME}")
+        for dev_id, label in LABELS.items():  # the station's own Chinese names for its devices
+            text = text.replace(f"{{id: {dev_id}, ", f"{{id: {dev_id}, name: {label}, ")
         site.write_text(text, encoding="utf-8")
         col.start()
         agent = start_agent(registry.start, site, sim_clock=clock)  # simulated noon: silent means offline
@@ -134,6 +137,14 @@ def test_site_name_in_the_yaml_the_mqtt_payload_and_the_page(station: Station) -
     assert status["name"] == SITE_NAME and status["site"] == SITE_ID
     # The page's <h1> is filled in by its script, from that same snapshot.
     assert f'<h1 id="site-name">{SITE_NAME}</h1>' in station.dom("zh-CN")
+    # The devices' Chinese names: in the retained meta message, the snapshot and the page's table.
+    metas = station.col.wait_for(lambda ms: {"inv01", "meter"} <= {m.json()["device"] for m in ms}, 20,
+                                 topic_filter=f"pvgate/{SITE_ID}/meta/#", desc="meta messages")
+    labels = {m.json()["device"]: m.json().get("label") for m in metas}
+    assert labels["inv01"] == "一号逆变器" and labels["meter"] == "关口电表" and labels.get("inv02") is None
+    assert status["devices"]["inv04"]["name"] == "四号逆变器"
+    got = rows(station.dom("zh-CN"))
+    assert "一号逆变器" in got["inv01"] and "四号逆变器" in got["inv04"] and "关口电表" in got["meter"]
 
 
 def test_every_device_the_silent_one_offline_and_a_plot_in_chinese(station: Station) -> None:

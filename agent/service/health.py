@@ -78,7 +78,8 @@ def links_and_devices(agent: AgentView, values: bool, detail: bool) -> tuple[dic
                 state = "asleep" if st.asleep else {True: "online", False: "offline", None: "unknown"}[st.online]
                 dev.update({"state": state,
                             "link": lid, "unit": st.device.unit, "profile": st.device.profile.id,
-                            "interval_s": st.device.interval_s})
+                            "interval_s": st.device.interval_s,
+                            **({"name": st.device.name} if st.device.name else {})})
             if values:
                 units = {p.key: p.unit for p in st.device.profile.points}
                 dev["values"] = dict(st.last_values)

@@ -202,4 +202,6 @@ def meta_payload(site: str, device: Device, identity: dict[str, Any]) -> bytes:
         "v": 1, "site": site, "device": device.id, "profile": device.profile.id,
         "name": device.profile.name, "unit": device.unit, "link": device.link,
         "interval_s": device.interval_s, "identity": identity, "points": points,
+        # devices[].name, the station's own name for it (一号逆变器); `name` is the device map's
+        **({"label": device.name} if device.name else {}),
     })
