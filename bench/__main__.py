@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="short windows (10-20 s), 20 MB start-up buffer")
     p.add_argument("--window", type=float, default=None, metavar="S", help="every measuring window S seconds")
     p.add_argument("--buffer-mb", type=float, default=None, metavar="MB", help="start-up section's buffer size")
+    p.add_argument("--cpu-share", type=float, default=0.2, metavar="F",
+                   help="gateway section: the agent's CPU limit as a share of one core (default 0.2)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, site files)")
     args = p.parse_args(argv)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     chosen = args.sections or list(SECTIONS)
-    opt = Options(args.quick, args.window, args.buffer_mb)
+    opt = Options(args.quick, args.window, args.buffer_mb, args.cpu_share)
     started, load0 = time.time(), load_average()
     figures: list[Figure] = []
     failed = False

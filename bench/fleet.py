@@ -64,7 +64,8 @@ def section_fanout(h: Harness, opt: Options) -> list[Figure]:
     return out
 
 
-def section_gateway(h: Harness, opt: Options, share: float = 0.2) -> list[Figure]:
+def section_gateway(h: Harness, opt: Options) -> list[Figure]:
+    share = opt.cpu_share
     lim = limit(share)
     label = f"100 devices / 10 links at 10 s, {share:.0%} of one core"
     if not lim.applied:

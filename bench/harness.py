@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -209,7 +208,8 @@ class Agent:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        pid: int = self.proc.pid
+        return pid
 
 
 class Harness:
@@ -230,8 +230,9 @@ class Harness:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.broker = Broker(self.tmp / "broker", extra_conf="max_queued_messages 0\n")
         self.broker.start()
-        self.sub = Subscriber(self.broker.port)
-        return self.broker.port
+        port: int = self.broker.port
+        self.sub = Subscriber(port)
+        return port
 
     # -- processes
     def spawn(self, cmd: list[str], name: str, env: dict[str, str] | None = None,
@@ -379,17 +380,6 @@ def _descendants(pid: int) -> list[int]:
             out += kids
             todo += kids
     return out
-
-
-def measure_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
-    """CPU seconds each pid used over the next `seconds` (from /proc/<pid>/stat)."""
-    before = {k: cpu_seconds(p) for k, p in pids.items()}
-    time.sleep(seconds)
-    return {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 PLAN_LINK = re.compile(r"^link (\S+) \((\S+) (.+)\)$")

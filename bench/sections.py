@@ -30,6 +30,7 @@ class Options:
     quick: bool = False
     window: float | None = None  # overrides every window (the test uses tiny ones)
     buffer_mb: float | None = None  # the start-up section's buffer
+    cpu_share: float = 0.2  # the gateway section's limit, a share of one core
 
     def secs(self, full: float, quick: float) -> float:
         return self.window if self.window is not None else (quick if self.quick else full)
@@ -158,7 +159,10 @@ def _cpu_pair(h: Harness, opt: Options, kind: str) -> list[Figure]:
     h.stop(bare_sim)
     got, values = len(run.window.readings), run.values
     polls = bare.in_window()
-    per_k = (lambda cpu, vals: cpu * 1000.0 / (vals / 1000.0) if vals else None)
+
+    def per_k(cpu: float, vals: int) -> float | None:  # CPU-ms per 1,000 values
+        return cpu * 1000.0 / (vals / 1000.0) if vals else None
+
     agent_k = per_k(run.cpu_s, values)
     bare_k = per_k(run.others["bare"], polls * 10)
     s, label = "cpu", kind.upper() if kind == "tcp" else "RTU over pty"
@@ -233,7 +237,8 @@ class Strace:
     """fsync/fdatasync counts of a running pid (all threads) between start() and stop()."""
 
     def __init__(self, h: Harness) -> None:
-        self.h, self.out, self.proc = h, h.tmp / "strace.txt", None  # type: ignore[var-annotated]
+        self.h, self.out = h, h.tmp / "strace.txt"
+        self.proc: subprocess.Popen[bytes] | None = None
         self.calls: int | None = None
 
     def start(self, pid: int) -> None:
@@ -278,7 +283,7 @@ def fill_buffer(path: Path, target_mb: float, devices: int) -> tuple[int, float]
     from bench.drain import fill
 
     t0 = time.monotonic()
-    logging.getLogger("agent").setLevel(logging.WARNING)  # the new epoch of the file being filled: no news
+    logging.getLogger("agent").setLevel(logging.ERROR)  # the new epoch of the file being filled: no news
     buf = Buffer(path, max_mb=max(1024.0, target_mb * 1.2), min_free_mb=16)
     cycles = max(1, int(target_mb * 1024 * 1024 / 832 / devices))  # ~832 bytes per reading (drain.py)
     fill(buf, devices, cycles)
