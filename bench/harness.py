@@ -388,7 +388,8 @@ PLAN_BLOCK = re.compile(r"^    (\w+)\s+(\d+) \+(\d+)")
 
 
 def parse_plan(text: str) -> list[dict[str, Any]]:
-    """`pvgate plan` output -> [{link, type, endpoint, devices: [{id, unit, interval, blocks: [[table, start, count]]}]}]."""
+    """`pvgate plan` output -> [{link, type, endpoint, devices: [{id, unit, interval, blocks}]}],
+    blocks as [[table, start, count]]."""
     links: list[dict[str, Any]] = []
     for line in text.splitlines():
         if m := PLAN_LINK.match(line):

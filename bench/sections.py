@@ -256,8 +256,14 @@ class Strace:
         text = self.out.read_text() if self.out.exists() else ""
         if self.proc.returncode not in (0, None) and "fsync" not in text and "total" not in text:
             return
-        self.calls = sum(int(m[1]) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync)$",
-                                                          text, re.M))
+        self.calls = fsync_calls(text)
+
+
+def fsync_calls(summary: str) -> int:
+    """fsync + fdatasync calls in `strace -c`'s summary (columns: % time, seconds, usecs/call, calls,
+    errors (may be empty), syscall)."""
+    row = r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync)$"
+    return sum(int(m[1]) for m in re.finditer(row, summary, re.M))
 
 
 def section_disk(h: Harness, opt: Options) -> list[Figure]:

@@ -29,7 +29,8 @@ def test_quick_sections_print_a_markdown_table_of_measured_figures() -> None:
     disk = rows[("disk", "bytes written per reading")]
     assert re.fullmatch(r"[\d,]+ B", disk[0]) and disk[2] in ("PASS", "FAIL"), disk
     assert ("disk", "fsync + fdatasync per second") in rows
-    stages = {name: float(v[0].split()[0]) for (s, name), v in rows.items() if s == "profile" and name.startswith("stage:")}
+    stages = {name: float(v[0].split()[0]) for (s, name), v in rows.items()
+              if s == "profile" and name.startswith("stage:")}
     assert {"stage: poll", "stage: decode", "stage: buffer insert", "stage: JSON", "stage: publish",
             "stage: PUBACK bookkeeping"} <= set(stages), stages
     assert abs(sum(stages.values()) - 100.0) < 1.0, stages  # shares of one profile
@@ -54,3 +55,32 @@ def test_plan_parser_reads_what_pvgate_plan_prints() -> None:
     assert plan[0]["devices"] == [{"id": "dev01", "unit": 1, "interval": 1.0, "blocks": [["holding", 0, 13]]}]
     assert plan[1]["devices"][0]["unit"] == 3
     assert plan[1]["devices"][0]["blocks"] == [["holding", 32000, 24], ["input", 32064, 52]]
+
+
+def test_fsyncs_are_counted_from_the_strace_summary() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.sections import fsync_calls
+
+    summary = ("% time     seconds  usecs/call     calls    errors syscall\n"
+               "------ ----------- ----------- --------- --------- ----------------\n"
+               " 71.00    0.001957         391         5           fdatasync\n"
+               " 29.00    0.000800         100         8         1 fsync\n"
+               "------ ----------- ----------- --------- --------- ----------------\n"
+               "100.00    0.002757         212        13         1 total\n")
+    assert fsync_calls(summary) == 13
+    assert fsync_calls("") == 0
+
+
+def test_a_device_that_missed_one_slot_does_not_meet_its_interval() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.harness import Arrival, Window
+
+    t0 = 1_000_000.0
+    readings = [Arrival("a", i, int((t0 + 10 * k + 0.25) * 1000), t0 + 10 * k + 1.0, False, 10)
+                for i, k in enumerate(range(6))]
+    readings += [Arrival("b", 10 + k, int((t0 + 10 * k + 0.5) * 1000), t0 + 10 * k + 1.2, False, 10)
+                 for k in range(6) if k != 3]
+    win = Window(t0, t0 + 60, readings)
+    assert win.devices_on_time(["a", "b"], 10.0) == 1
+    assert sorted(set(round(j, 3) for j in win.jitters(10.0))) == [0.25, 0.5]
+    assert all(abs(lat - 0.75) < 1e-6 or abs(lat - 0.7) < 1e-6 for lat in win.latencies())
