@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -380,30 +379,3 @@ def _descendants(pid: int) -> list[int]:
             out += kids
             todo += kids
     return out
-
-
-PLAN_LINK = re.compile(r"^link (\S+) \((\S+) (.+)\)$")
-PLAN_DEVICE = re.compile(r"^  (\S+) \(unit (\d+), (\S+), every ([\d.]+)s\)")
-PLAN_BLOCK = re.compile(r"^    (\w+)\s+(\d+) \+(\d+)")
-
-
-def parse_plan(text: str) -> list[dict[str, Any]]:
-    """`pvgate plan` output -> [{link, type, endpoint, devices: [{id, unit, interval, blocks}]}],
-    blocks as [[table, start, count]]."""
-    links: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        if m := PLAN_LINK.match(line):
-            links.append({"link": m[1], "type": m[2], "endpoint": m[3], "devices": []})
-        elif (m := PLAN_DEVICE.match(line)) and links:
-            links[-1]["devices"].append({"id": m[1], "unit": int(m[2]), "interval": float(m[4]), "blocks": []})
-        elif (m := PLAN_BLOCK.match(line)) and links and links[-1]["devices"]:
-            links[-1]["devices"][-1]["blocks"].append([m[1], int(m[2]), int(m[3])])
-    return links
-
-
-def plan_of(site: Path) -> list[dict[str, Any]]:
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "plan", "-c", str(site)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if out.returncode != 0:
-        raise RuntimeError(f"pvgate plan failed: {out.stderr}")
-    return parse_plan(out.stdout)

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.figures import Figure
+from bench.bare import plan_of
 from bench.harness import (ROOT, Agent, Harness, Window, cpu_seconds, free_port, io_write_bytes, percentile,
-                           plan_of, proc_status)
+                           proc_status)
 
 TEN = "bench-10v"
 

@@ -40,7 +40,7 @@ def test_quick_sections_print_a_markdown_table_of_measured_figures() -> None:
 
 def test_plan_parser_reads_what_pvgate_plan_prints() -> None:
     sys.path.insert(0, str(ROOT))
-    from bench.harness import parse_plan
+    from bench.bare import parse_plan
 
     text = ("link lan01 (tcp 127.0.0.1:1502)\n"
             "  dev01 (unit 1, bench-10v, every 1s): 1 read(s), 13 registers\n"
