@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         h.close()
-    print(header(started, load0, load_average(), chosen, args.quick))
+    print(header(started, load0, load_average(), chosen, args.quick) + ("\n" if args.markdown else ""))
     print(table(figures, args.markdown))
     if args.keep:
         print(f"working directory kept: {h.tmp}")
