@@ -1,0 +1,86 @@
+"""The benchmark suite (python -m bench) still runs and prints figures: its quickest sections with
+2-second windows against a real mosquitto, simulator and agent. Whether the targets are met is
+the suite's business (docs/performance.md), not this test's: here only that every figure of the
+sections was measured."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from support.broker import require_mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW = re.compile(r"^\| (\w+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]*) \|")
+
+
+def test_quick_sections_print_a_markdown_table_of_measured_figures() -> None:
+    require_mosquitto()
+    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--window", "2", "--markdown",
+                          "idle", "disk", "profile"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {(m[1], m[2].strip()): (m[3].strip(), m[4].strip(), m[5].strip())
+            for m in map(ROW.match, out.stdout.splitlines()) if m and m[1] != "section"}
+    idle = rows[("idle", "idle agent, share of one core")]
+    assert re.fullmatch(r"[\d.,]+ %", idle[0]) and idle[1] == "< 0.1 %" and idle[2] in ("PASS", "FAIL"), idle
+    disk = rows[("disk", "bytes written per reading")]
+    assert re.fullmatch(r"[\d,]+ B", disk[0]) and disk[2] in ("PASS", "FAIL"), disk
+    assert ("disk", "fsync + fdatasync per second") in rows
+    stages = {name: float(v[0].split()[0]) for (s, name), v in rows.items()
+              if s == "profile" and name.startswith("stage:")}
+    assert {"stage: poll", "stage: decode", "stage: buffer insert", "stage: JSON", "stage: publish",
+            "stage: PUBACK bookkeeping"} <= set(stages), stages
+    assert abs(sum(stages.values()) - 100.0) < 1.0, stages  # shares of one profile
+    assert stages["stage: poll"] > 0 and stages["stage: publish"] > 0, stages
+    assert "machine: " in out.stdout and "load average" in out.stdout
+
+
+def test_plan_parser_reads_what_pvgate_plan_prints() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.bare import parse_plan
+
+    text = ("link lan01 (tcp 127.0.0.1:1502)\n"
+            "  dev01 (unit 1, bench-10v, every 1s): 1 read(s), 13 registers\n"
+            "    holding      0 +13   ac_power, dc_power\n"
+            "  Modbus TCP: not limited by a serial wire\n"
+            "link bus1 (rtu /dev/ttyUSB0 9600 8N1)\n"
+            "  inv01 (unit 3, huawei-sun2000, every 10s): 2 read(s), 76 registers, 160 ms on the wire\n"
+            "    holding  32000 +24    139 ms  state_1\n"
+            "    input    32064 +52    250 ms  pv1_voltage\n")
+    plan = parse_plan(text)
+    assert [lk["link"] for lk in plan] == ["lan01", "bus1"]
+    assert plan[0]["devices"] == [{"id": "dev01", "unit": 1, "interval": 1.0, "blocks": [["holding", 0, 13]]}]
+    assert plan[1]["devices"][0]["unit"] == 3
+    assert plan[1]["devices"][0]["blocks"] == [["holding", 32000, 24], ["input", 32064, 52]]
+
+
+def test_fsyncs_are_counted_from_the_strace_summary() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.sections import fsync_calls
+
+    summary = ("% time     seconds  usecs/call     calls    errors syscall\n"
+               "------ ----------- ----------- --------- --------- ----------------\n"
+               " 71.00    0.001957         391         5           fdatasync\n"
+               " 29.00    0.000800         100         8         1 fsync\n"
+               "------ ----------- ----------- --------- --------- ----------------\n"
+               "100.00    0.002757         212        13         1 total\n")
+    assert fsync_calls(summary) == 13
+    assert fsync_calls("") == 0
+
+
+def test_a_device_that_missed_one_slot_does_not_meet_its_interval() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.harness import Arrival, Window
+
+    t0 = 1_000_000.0
+    readings = [Arrival("a", i, int((t0 + 10 * k + 0.25) * 1000), t0 + 10 * k + 1.0, False, 10)
+                for i, k in enumerate(range(6))]
+    readings += [Arrival("b", 10 + k, int((t0 + 10 * k + 0.5) * 1000), t0 + 10 * k + 1.2, False, 10)
+                 for k in range(6) if k != 3]
+    win = Window(t0, t0 + 60, readings)
+    assert win.devices_on_time(["a", "b"], 10.0) == 1
+    assert sorted(set(round(j, 3) for j in win.jitters(10.0))) == [0.25, 0.5]
+    assert all(abs(lat - 0.75) < 1e-6 or abs(lat - 0.7) < 1e-6 for lat in win.latencies())
