@@ -95,3 +95,23 @@ def test_commits_stay_one_per_interval_however_fast_cycles_end(tmp_path: Path) -
     finally:
         w.stop()
         buf.close()
+
+
+def test_a_sleeping_publisher_keeps_the_connection_alive(tmp_path: Path, broker) -> None:
+    """Nothing polls any more: keepalive PINGREQs must still go out on time (the broker drops a
+    client silent for 1.5 x keepalive), from the deadline the publisher computes."""
+    site = write_site(tmp_path / "site.yaml", site_id="perf-keepalive", broker_port=broker.port,
+                      modbus_port=free_port(), devices=[SimDev("inv01", 1, "huawei-sun2000")],
+                      extra_mqtt="keepalive: 5")
+    buf = Buffer(tmp_path / "buffer.sqlite", max_mb=8, min_free_mb=0)
+    pub = Publisher(load_site(site).uplink(), buf)
+    pub.start()
+    try:
+        _wait(lambda: pub.connected and pub.window.idle, 10, "connected")
+        before = pub.pump.wakeups
+        time.sleep(16.0)  # three keepalives, more than twice the broker's 7.5 s limit
+        assert pub.connected and pub.stats.connects == 1, "the broker dropped a silent client"
+        assert pub.pump.wakeups - before <= 16, "woke more than keepalive needs"
+    finally:
+        pub.stop(1.0)
+        buf.close()
