@@ -25,7 +25,7 @@ class Pump:
     """The publisher thread's wait: the broker's socket, a wake-up pair and a timeout."""
 
     def __init__(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r, self._wake_w = socket.socketpair()  # open from the start: wake() may come first
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._woken = threading.Event()
