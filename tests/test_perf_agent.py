@@ -70,7 +70,9 @@ def test_live_latency_health_and_unknown_devices(tmp_path: Path, broker, collect
         for r in body.get("readings", [body]):
             delays.append((now_wall - (now_mono - m.t)) - r["ts"] / 1000)
     # Poll start to the broker: the cycle's commit wakes the publisher (it was ~1.0 s: the interval).
-    assert median(delays) < 0.6, f"p50 poll -> broker {median(delays):.3f} s"
+    delays.sort()
+    p50, p90 = median(delays), delays[int(len(delays) * 0.9)]
+    assert p50 < 0.6 and p90 < 0.8, f"poll -> broker p50 {p50:.3f} s, p90 {p90:.3f} s"
     healths = [m.json() for m in col.messages("pvgate/perf/health")]
     assert len(healths) >= 5
     # A healthy agent holds nothing in memory: the batch waiting for its commit is batch_waiting.
