@@ -31,6 +31,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -68,8 +69,9 @@ class LinkWorker:
     def __init__(self, link: Link, devices: list[Device], sink: Sink,
                  identity_sink: IdentitySink | None = None, client: LinkClient | None = None,
                  stamp: Stamp = wall_stamp, night: NightPolicy | None = None,
-                 learned_sink: LearnedSink | None = None) -> None:
+                 learned_sink: LearnedSink | None = None, on_idle: Callable[[], None] | None = None) -> None:
         self.link = link
+        self.on_idle = on_idle  # the link has nothing left to poll: the buffer may commit the cycle
         self.learned_sink = learned_sink
         self.stamp = stamp
         self.night = night
@@ -155,6 +157,8 @@ class LinkWorker:
                     job.state.queued = False
                 else:
                     self._jobs.append(job)
+                if not self._jobs and self.on_idle is not None:
+                    self.on_idle()
         finally:
             self.client.close()
 

@@ -70,14 +70,14 @@ def links_and_devices(agent: AgentView, values: bool, detail: bool) -> tuple[dic
                                "busy_s": round(worker.busy_s, 1)})
         for did, st in list(worker.states.items()):
             overruns += st.overruns
-            dev: dict[str, Any] = {"online": bool(st.online), "asleep": st.asleep, "last_good_ts": st.last_good_ms,
+            state = "asleep" if st.asleep else {True: "online", False: "offline", None: "unknown"}[st.online]
+            dev: dict[str, Any] = {"online": bool(st.online), "state": state, "asleep": st.asleep,
+                                   "last_good_ts": st.last_good_ms,
                                    "consecutive_failures": st.failures, "polls": st.polls,
                                    "failed_polls": st.failed_polls, "overruns": st.overruns,
                                    "busy_answers": st.busy_answers, "bus_s": round(st.bus_s, 1)}
             if detail:
-                state = "asleep" if st.asleep else {True: "online", False: "offline", None: "unknown"}[st.online]
-                dev.update({"state": state,
-                            "link": lid, "unit": st.device.unit, "profile": st.device.profile.id,
+                dev.update({"link": lid, "unit": st.device.unit, "profile": st.device.profile.id,
                             "interval_s": st.device.interval_s,
                             **({"name": st.device.name} if st.device.name else {})})
             if values:
@@ -94,6 +94,7 @@ def buffer_state(agent: AgentView, now_ms: int) -> dict[str, Any]:
             "size_bytes": stats.size_bytes, "budget_bytes": stats.budget_bytes,
             "dropped_unsent": stats.dropped_unsent, "memory_dropped": agent.writer.memory_dropped,
             "held_in_memory": int(getattr(agent.writer, "held_in_memory", 0)),
+            "batch_waiting": int(getattr(agent.writer, "batch_waiting", 0)),
             "epoch": stats.epoch, "write_errors": dict(agent.writer.errors),
             "failed_commits": agent.writer.failed_commits, "buffer_resets": agent.writer.buffer_resets,
             "retry_s": agent.writer.retry_s, "last_write_error": agent.writer.last_error}
@@ -115,7 +116,8 @@ def health_message(agent: AgentView) -> dict[str, Any]:
         "uptime_s": agent.uptime_s(),
         "links": links, "devices": devices, "poll_overruns": overruns + agent.missed_ticks,
         "devices_online": sum(1 for d in devices.values() if d["online"]),
-        "devices_asleep": sum(1 for d in devices.values() if d["asleep"]), "devices_total": len(devices),
+        "devices_asleep": sum(1 for d in devices.values() if d["asleep"]),
+        "devices_unknown": sum(1 for d in devices.values() if d["state"] == "unknown"), "devices_total": len(devices),
         "buffer": buffer,
         "dropped": {"unsent": buffer["dropped_unsent"], "memory": buffer["memory_dropped"]},
         "disk_free_bytes": disk_free(agent),

@@ -114,7 +114,8 @@ class Agent:
             same_link = prev is not None and prev.link == link
             worker = LinkWorker(link, devices, self.writer.put, self._identity,
                                 client=prev.client if prev is not None and same_link else None,
-                                stamp=self.timekeeper.stamp, night=self.timekeeper, learned_sink=self._learned)
+                                stamp=self.timekeeper.stamp, night=self.timekeeper, learned_sink=self._learned,
+                                on_idle=self._link_idle)
             for device in devices:
                 state = prev.states.get(device.id) if prev is not None and same_link else None
                 if (state is not None and state.device.unit == device.unit
@@ -139,6 +140,13 @@ class Agent:
                     state.learned = known  # the first poll after a restart is already a steady one
                     state.replan()
         return workers, fresh
+
+    def _link_idle(self) -> None:
+        """A link finished its polls: when every link has, the cycle's readings are committed
+        (group commit, agent/store/writer.py) instead of an interval later."""
+        workers = list(self.workers.values())
+        if not any(w.pending() or any(st.queued for st in w.states.values()) for w in workers):
+            self.writer.cycle_done()
 
     def _learned(self, device_id: str, learned: Learned) -> None:
         """A device's register set was learned (or forgotten): keep it for the next start."""

@@ -146,7 +146,10 @@ class Supervision:
                 except Exception as err:  # noqa: BLE001 - a status line is not worth a crash
                     log.debug("device=_site buffer stats for STATUS= failed: %s", err)
                 self.agent.notifier.status(self.status_line())
-            await asyncio.sleep(0.5 if self._stale_after_s <= 0 else min(0.5, self._stale_after_s / 4))
+            # Without a watchdog nothing reads the beat: wake only for STATUS= (an idle agent sleeps).
+            watched = self.agent.notifier.watchdog_interval_s() is not None
+            await asyncio.sleep(min(0.5, self._stale_after_s / 4) if watched and self._stale_after_s > 0
+                                else 0.5 if watched else STATUS_EVERY_S)
 
     def status_line(self) -> str:
         states = [st for w in self.agent.workers.values() for st in w.states.values()]

@@ -34,6 +34,7 @@ from agent import private
 from agent.logutil import RateLimitedLog
 from agent.store import alarms, lineage, opening, readonly, restamp, schema, sql
 from agent.store.lineage import Lineage
+from agent.store.listeners import Listeners
 from agent.store.room import PAGE_SIZE, Budget, Room
 from agent.store.rows import RecordRow, Row, Stats, as_rows, record_row, row_bytes, seq_runs
 from drivers.errors import StorageError
@@ -60,7 +61,7 @@ class _Damaged(Exception):
     pass
 
 
-class Buffer:
+class Buffer(Listeners):
     """Thread-safe access to the buffer file through one connection."""
 
     def __init__(self, path: str | Path, max_mb: float = 1024.0, keep_sent_days: float = 7.0,
@@ -73,6 +74,7 @@ class Buffer:
         self._lock = threading.RLock()
         self._rl = RateLimitedLog(log, window_s=60.0)
         self.resets = 0  # damaged files replaced while running
+        Listeners.__init__(self)
         try:
             private.prepare_database(self.path)  # 0600, with its -wal and -shm
             self.start_events = self._open()
@@ -154,6 +156,12 @@ class Buffer:
                                     dict(summary) if summary else None)
             return lineage.write(self.path, self._lineage)
 
+    @property
+    def newest_seq(self) -> int:
+        """The highest seq this process committed (or found at opening), without a query:
+        the publisher looks for live rows only when this moved past what it has read."""
+        return self._last_given
+
     # -- writing -----------------------------------------------------------------------------
 
     def append(self, records: Iterable[Reading | Event]) -> list[int]:
@@ -165,15 +173,19 @@ class Buffer:
     def append_rows(self, rows: list[RecordRow]) -> list[int]:
         """append() for rows already in the stored format (salvage)."""
         seqs: list[int] = []
-        with self._lock:
-            for chunk in self._chunks(rows):
-                try:
-                    seqs.extend(self._append_chunk(chunk))
-                except (sqlite3.Error, OSError) as err:
-                    kind = sql.classify(err)
-                    text = f"buffer full: no room for {len(chunk)} records even after pruning ({err})" \
-                        if kind == sql.FULL else f"buffer write failed ({kind}): {err}"
-                    raise PartialWrite(text, seqs, kind) from err
+        try:
+            with self._lock:
+                for chunk in self._chunks(rows):
+                    try:
+                        seqs.extend(self._append_chunk(chunk))
+                    except (sqlite3.Error, OSError) as err:
+                        kind = sql.classify(err)
+                        text = f"buffer full: no room for {len(chunk)} records even after pruning ({err})" \
+                            if kind == sql.FULL else f"buffer write failed ({kind}): {err}"
+                        raise PartialWrite(text, seqs, kind) from err
+        finally:
+            if seqs:  # outside the lock: the publisher reads at once
+                self._tell("records")
         return seqs
 
     def _chunks(self, rows: list[RecordRow]) -> Iterator[list[RecordRow]]:
@@ -245,25 +257,12 @@ class Buffer:
         runs = seq_runs(sorted(set(seqs)))
         if not runs:
             return 0
-        n = 0
         step = max(8, self.budget.txn_pages - 4)  # runs per transaction: each may touch a leaf page
         with self._lock:
-            db = self._db
             try:
-                db.execute("PRAGMA synchronous=NORMAL")  # a lost mark is a duplicate, never a loss
-                for i in range(0, len(runs), step):
-                    db.execute("BEGIN IMMEDIATE")
-                    n += db.executemany("DELETE FROM unsent WHERE seq BETWEEN ? AND ?", runs[i:i + step]).rowcount
-                    db.execute("COMMIT")
+                return sql.mark_sent(self._db, runs, step)
             except sqlite3.Error as err:
-                sql.rollback(self._db)
                 raise StorageError(f"cannot mark records sent: {err}") from err
-            finally:
-                try:
-                    db.execute("PRAGMA synchronous=FULL")
-                except sqlite3.Error:
-                    pass
-        return n
 
     # -- room ------------------------------------------------------------------------------
 
@@ -298,6 +297,8 @@ class Buffer:
                                  "ON CONFLICT(device) DO UPDATE SET body=excluded.body", (device, body))
             except sqlite3.Error as err:
                 self._rl.warning(f"identity-{device}", "device=%s cannot store identity: %s", device, err)
+                return
+        self._tell("identity")
 
     def identities(self) -> dict[str, dict[str, object]]:
         with self._lock:

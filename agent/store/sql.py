@@ -31,6 +31,26 @@ def unsent_count(db: sqlite3.Connection) -> int:
     return int(db.execute("SELECT count(*) FROM unsent").fetchone()[0])
 
 
+def mark_sent(db: sqlite3.Connection, runs: list[tuple[int, int]], step: int) -> int:
+    """Delete seq runs from `unsent`, step runs per transaction; how many rows were deleted."""
+    n = 0
+    try:
+        db.execute("PRAGMA synchronous=NORMAL")  # a lost mark is a duplicate, never a loss
+        for i in range(0, len(runs), step):
+            db.execute("BEGIN IMMEDIATE")
+            n += db.executemany("DELETE FROM unsent WHERE seq BETWEEN ? AND ?", runs[i:i + step]).rowcount
+            db.execute("COMMIT")
+    except sqlite3.Error:
+        rollback(db)
+        raise
+    finally:
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            pass
+    return n
+
+
 def rollback(db: sqlite3.Connection) -> None:
     try:
         db.execute("ROLLBACK")

@@ -4,7 +4,7 @@ A ``read`` waits for a poll on an RS-485 bus, a ``reload`` for the whole agent: 
 the publisher's thread they would stop PUBACK processing and live data meanwhile, and a broker
 that sees no traffic may even drop the connection. So the publisher hands each request to
 :class:`CommandRunner`, which runs them one at a time on a worker thread and hands the replies
-back; the publisher publishes them on its next loop turn.
+back, waking the publisher (`notify`), which publishes them at once.
 
 Every command has a time limit: the handler's own (``read`` 10 s, ``reload`` 30 s) and, as a
 backstop, COMMAND_LIMIT_S here. A command past the backstop gets an error reply, its worker is
@@ -90,6 +90,12 @@ class CommandRunner:
         self._generation = 0
         self._stopped = False
         self._worker: threading.Thread | None = None
+        self.notify: Callable[[], None] | None = None  # a reply is ready (the publisher's wake-up)
+
+    @property
+    def working(self) -> bool:
+        """A command runs or waits: its time limit needs checking (poll) now and then."""
+        return self._current is not None or not self._queue.empty()
 
     def submit(self, name: str, payload: bytes) -> None:
         """From paho's on_message: queue, never block."""
@@ -167,3 +173,5 @@ class CommandRunner:
                 self._current = None
                 if answer is not None:
                     self._replies.append(answer)
+            if self.notify is not None:
+                self.notify()

@@ -1,8 +1,10 @@
 """The MQTT publisher (Contract 2): buffer rows out, PUBACKs back into the buffer as "sent".
 
-It runs paho's network loop on its own thread instead of loop_start(): PUBACK callbacks then run
+It drives paho's socket on its own thread instead of loop_start(): PUBACK callbacks then run
 on the same thread that records mid -> seqs, so an acknowledgement can never race ahead of the
-bookkeeping (limits.md §3), and reconnects get the jittered backoff paho lacks. Every connection
+bookkeeping (limits.md §3), and reconnects get the jittered backoff paho lacks. The thread
+sleeps until the broker's socket is ready, another thread wakes it (the buffer writer's commit,
+a command's reply, a resend request) or a deadline comes (pump.py): an idle agent does not poll. Every connection
 uses a fresh paho client: paho's in-memory session dies with the connection instead of being
 re-sent behind our back — the buffer is the only queue.
 
@@ -15,10 +17,8 @@ is sent. Commands run on their own worker (cmdrunner.py), so PUBACKs never wait 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -33,8 +33,10 @@ from agent.logutil import RateLimitedLog
 from agent.store.buffer import Buffer
 from agent.uplink.cmdrunner import CommandRunner
 from agent.uplink.limits import Sent, SizeGuard, packet_size
-from agent.uplink.messages import Message, MessageBuilder, Topics, dumps, meta_payload
+from agent.uplink.messages import Message, MessageBuilder, Topics, dumps
+from agent.uplink.pump import Pump, keepalive_due
 from agent.uplink.settings import UplinkConfig
+from agent.uplink.side import OTHER_SLOTS, SideMessages
 from agent.uplink.tls import TlsSetupError, tls_context
 from agent.uplink.window import SIZE_CODES, PublishStats, SendWindow
 from drivers.errors import ConfigError, Problem
@@ -43,13 +45,12 @@ log = logging.getLogger(__name__)
 
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0
-LOOP_TIMEOUT_S = 0.02
+RUNNER_CHECK_S = 1.0  # while a command runs, its time limit is checked this often
 STABLE_S = 30.0  # a connection that lasted this long resets the reconnect backoff
-OTHER_SLOTS = 4  # of the broker's Receive Maximum, left to status, meta, health and replies
 CommandHandler = Callable[[str, bytes], tuple[str, dict[str, Any]] | None]
 
 
-class Publisher:
+class Publisher(SideMessages):
     """Owns the paho client and a thread; the buffer is its only source of data."""
 
     def __init__(self, cfg: UplinkConfig, buffer: Buffer,
@@ -62,7 +63,9 @@ class Publisher:
         self.health_source = health
         self.commands = commands
         self.stats = PublishStats()
-        self.last_progress = time.monotonic()
+        self.pump = Pump()
+        self._progress = time.monotonic()
+        self._meta_dirty = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected = False
@@ -74,6 +77,8 @@ class Publisher:
         self.window = SendWindow(buffer, self._builder, cfg.mqtt.inflight, cfg.mqtt.batch_max * len(cfg.devices),
                                  self.stats, self.guard, cfg.mqtt.resend_kb_per_min)
         self.runner = CommandRunner(commands) if commands is not None else None
+        if self.runner is not None:
+            self.runner.notify = self.pump.wake
         self.receive_maximum: int | None = None
         self._lost: int | None = None  # the reason code of a connection that just dropped
         self._suspect: Sent | None = None
@@ -116,8 +121,24 @@ class Publisher:
         return dumps({"state": state, "ts": int(time.time() * 1000), "version": __version__})
 
     def start(self) -> None:
+        self.buffer.add_listener(self._buffer_changed)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
+
+    def wake(self) -> None:
+        """Thread-safe: something for the publisher thread to do now."""
+        self.pump.wake()
+
+    def _buffer_changed(self, what: str) -> None:
+        """The buffer writer's commit (or a nameplate stored): live rows, maybe new meta."""
+        if what == "identity":
+            self._meta_dirty = True
+        self.pump.wake()
+
+    @property
+    def last_progress(self) -> float:
+        """For the watchdog: a thread asleep in select() is waiting for work, not wedged."""
+        return time.monotonic() if self.pump.waiting else self._progress
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Publish what can be published within grace_s, leave status offline, disconnect."""
@@ -127,16 +148,20 @@ class Publisher:
                 break
             time.sleep(0.05)
         self._stop.set()
+        self.pump.wake()
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, deadline - time.monotonic() + 3.0))
+        self.buffer.remove_listener(self._buffer_changed)
 
     def retarget(self, cfg: UplinkConfig, health_changed: bool) -> None:
         """A reload with the same broker: new devices (meta goes out again), maybe a new health interval."""
         self.cfg = cfg
         self._meta_sent.clear()
         self._next_meta = 0.0
+        self._meta_dirty = True
         if health_changed:
             self._next_health = 0.0
+        self.pump.wake()
 
     @property
     def connected(self) -> bool:
@@ -147,7 +172,9 @@ class Publisher:
     def request_resend(self, first: int, last: int, req_id: str | int | None = None) -> tuple[bool, dict[str, Any]]:
         """Queue seq first..last for publishing again (see agent/uplink/resend.py); thread-safe.
         With req_id, a second reply on reply/resend says when it is done or abandoned."""
-        return self.window.request_resend(first, last, req_id)
+        answer = self.window.request_resend(first, last, req_id)
+        self.pump.wake()
+        return answer
 
     # -- paho callbacks (run on our own thread, inside client.loop()) ------------------------
 
@@ -187,6 +214,7 @@ class Publisher:
         self._suspect = None
         self._meta_sent.clear()
         self._next_meta = 0.0
+        self._meta_dirty = True
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._connected:
@@ -207,30 +235,6 @@ class Publisher:
         if self.runner is not None:
             self.runner.submit(msg.topic.rsplit("/", 1)[-1], bytes(msg.payload))
 
-    def _publish_other(self, topic: str, payload: bytes, retain: bool = False) -> bool:
-        """Status, meta, health, replies: one message each, skipped (logged) if the broker cannot take it."""
-        size = packet_size(topic, len(payload))
-        if size > self.guard.packet_limit():
-            self.guard.too_large += 1
-            self._rl.warning(f"skip:{topic}", "device=_site not publishing %s: %d bytes, the limit is %d",
-                             topic, size, self.guard.packet_limit())
-            return False
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            return False
-        self.guard.sent(info.mid, Sent(topic, size, (topic,), 0, ""))
-        return True
-
-    def _replies(self) -> None:
-        answers = self.runner.poll() if self.runner is not None else []
-        answers += [("resend", reply) for reply in self.window.resend.take_finished()]
-        for name, reply in answers:
-            payload = dumps(reply)
-            if not self._publish_other(self.topics.reply(name), payload):
-                error = {k: reply.get(k) for k in ("v", "id", "command", "ts")}
-                error.update(ok=False, error=f"reply too large for the broker ({len(payload)} bytes)")
-                self._publish_other(self.topics.reply(name), dumps(error))
-
     # -- the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -241,19 +245,38 @@ class Publisher:
                         self._connection_lost()
                     self._try_connect()
                     continue
-                self.client.loop(timeout=LOOP_TIMEOUT_S)
-                self._quickack()
-                self._settle_acks()
-                if self._connected:
-                    self._replies()
-                    self._publish_meta()
-                    self._fill_window()
-                    self._maybe_health()
-                self.last_progress = time.monotonic()
+                self.pump.run(self.client, self._wait_s())
+                self._turn()
             except Exception:  # keep the only road to the county center open
                 log.exception("device=_site publisher loop error")
                 time.sleep(0.5)
         self._shutdown()
+        self.pump.close()
+
+    def _turn(self) -> None:
+        """Everything that may have become possible: acks settled, replies, meta, data, health."""
+        self._settle_acks()
+        if self._connected:
+            self._replies()
+            self._publish_meta()
+            self._fill_window()
+            self._maybe_health()
+        self._progress = time.monotonic()
+
+    def _wait_s(self) -> float:
+        """How long the thread may sleep if nothing wakes it: until the earliest deadline."""
+        now = time.monotonic()
+        due = [keepalive_due(self.client, self.cfg.mqtt.keepalive, now)]
+        if self.health_source is not None:
+            due.append(self._next_health)
+        if self._meta_dirty:
+            due.append(self._next_meta)
+        window = self.window.next_due(now)
+        if window is not None:
+            due.append(window)
+        if self.runner is not None and self.runner.working:
+            due.append(now + RUNNER_CHECK_S)
+        return max(0.0, min(due) - now)
 
     def _connection_lost(self) -> None:
         """The oldest message in flight may be what the broker dropped the connection on (limits.py)."""
@@ -272,9 +295,9 @@ class Publisher:
 
     def _try_connect(self) -> None:
         now = time.monotonic()
-        self.last_progress = now  # waiting for the broker is not a wedged loop
+        self._progress = now  # waiting for the broker is not a wedged loop
         if now < self._next_attempt:
-            time.sleep(min(0.1, self._next_attempt - now))
+            self.pump.run(None, self._next_attempt - now)  # stop() wakes it
             return
         self._attempts += 1
         try:
@@ -287,8 +310,9 @@ class Publisher:
                 self.client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive)
             deadline = time.monotonic() + 5.0
             while not self._connected and time.monotonic() < deadline and not self._stop.is_set():
-                if self.client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self.client.socket() is None:
                     break
+                self.pump.run(self.client, min(0.25, max(0.0, deadline - time.monotonic())))
         except ssl.SSLError as err:
             self._rl.warning("connect", "device=_site TLS with broker %s:%d failed: %s",
                              self.cfg.mqtt.host, self.cfg.mqtt.port, err)
@@ -300,17 +324,6 @@ class Publisher:
             # Full jitter, capped: hundreds of stations must not hit a restarted broker at once.
             cap = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(self._attempts, 10))
             self._next_attempt = time.monotonic() + random.uniform(RECONNECT_BASE_S, cap)
-
-    def _quickack(self) -> None:
-        """Acknowledge TCP segments at once. mosquitto leaves Nagle on (set_tcp_nodelay false),
-        so its second PUBACK in a row waits for our TCP ACK, which Linux delays by up to 40 ms:
-        every PUBACK that waits is a duplicate if the agent dies meanwhile."""
-        sock = self.client.socket()
-        if isinstance(sock, socket.socket) and hasattr(socket, "TCP_QUICKACK"):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            except OSError:
-                pass
 
     def _settle_acks(self) -> None:
         self.window.settle()
@@ -333,48 +346,6 @@ class Publisher:
 
     # -- meta, health, shutdown --------------------------------------------------------------
 
-    def _publish_meta(self) -> None:
-        now = time.monotonic()
-        if now < self._next_meta:
-            return
-        self._next_meta = now + 1.0  # identities arrive after a device's first poll
-        identities = self.buffer.identities()
-        for device in self.cfg.devices:
-            if self.receive_maximum is not None and self.guard.others_in_flight() >= OTHER_SLOTS:
-                self._next_meta = now  # the broker's Receive Maximum: the rest on the next turns
-                return
-            identity = dict(identities.get(device.id, {}))
-            signature = f"{device.profile.id}|{json.dumps(identity, sort_keys=True)}"
-            if self._meta_sent.get(device.id) == signature:
-                continue
-            payload = meta_payload(self.site, device, identity)
-            if self._publish_other(self.topics.meta(device.id), payload, retain=True):
-                self._meta_sent[device.id] = signature
-
-    def _maybe_health(self) -> None:
-        if self.health_source is None:
-            return
-        now = time.monotonic()
-        if now < self._next_health:
-            return
-        self._next_health = now + self.cfg.health_interval_s
-        message = self.health_source()
-        mqtt_part = message.get("mqtt")
-        if isinstance(mqtt_part, dict):
-            mqtt_part.update(self.counters())
-        self._publish_other(self.topics.health(), dumps(message))
-
-    def counters(self) -> dict[str, Any]:
-        """Size limits, refusals, drops, commands and resend: for the health message."""
-        out: dict[str, Any] = {"protocol": self.cfg.mqtt.protocol, "receive_maximum": self.receive_maximum,
-                               "inflight_max": self.window.inflight_max}
-        out.update(self.guard.view())
-        out.update(self.window.announcer.view())
-        out.update(resend_pending=self.window.resend.pending, resend_delayed_s=round(self.window.resend.delayed_s))
-        if self.runner is not None:
-            out.update(commands_timed_out=self.runner.timed_out, commands_busy=self.runner.busy)
-        return out
-
     def _shutdown(self) -> None:
         if self.runner is not None:
             self.runner.stop()
@@ -384,12 +355,12 @@ class Publisher:
             info = self.client.publish(self.topics.status(), self._status_payload("offline"), qos=1, retain=True)
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and self._connected and not info.is_published():
-                self.client.loop(timeout=0.05)
+                self.pump.run(self.client, 0.05)
             self._settle_acks()
             self._connected = False  # ours: not worth a warning in on_disconnect
             self.client.disconnect()
             try:
-                self.client.loop(timeout=0.1)
+                self.pump.run(self.client, 0.1)
             except Exception:  # the socket may already be gone; nothing left to lose
                 pass
         self._connected = False

@@ -46,6 +46,8 @@ MIN_BULK_BYTES = 8 * 1024
 MAX_BULK_BYTES = 64 * 1024 * 1024
 REFUSED_RETRY_S = 60.0
 REFUSED_RETRY_MAX_S = 1800.0
+BUSY_S = 0.05  # while rows wait for room (bytes in flight, the resend budget), looked at this often
+MARK_RETRY_S = 1.0
 SIZE_CODES = (0x95, 0x83)  # packet too large; implementation specific (mosquitto 1.6: payload too big)
 __all__ = ["RESEND_MAX_JOBS", "RESEND_MAX_SEQS", "PublishStats", "SendWindow"]
 
@@ -126,6 +128,21 @@ class SendWindow:
                                 f"too large for the broker: the connection dropped {STRIKES} times on its "
                                 f"{suspect.size}-byte message; the broker took at most {self.guard.largest_acked} bytes")
 
+    def next_due(self, now: float) -> float | None:
+        """When the publisher must look again without being woken (acks and new rows wake it):
+        rows that wait for room, a failed mark, a rescan of refused rows; None when idle."""
+        due: list[float] = []
+        if self._unmarked:
+            due.append(now + MARK_RETRY_S)
+        if (self._lanes[RESEND] or self._lanes[BACKLOG] or self._backlog_cursor < self._backlog_mark
+                or self.resend.pending):
+            due.append(now + BUSY_S)
+        if self._lanes[LIVE] and len(self._inflight) < self.inflight_max:
+            due.append(now + BUSY_S)
+        if self._rescan_at is not None:
+            due.append(self._rescan_at)
+        return min(due) if due else None
+
     def acked(self, mid: int, code: int = 0) -> None:
         """paho's on_publish: the broker answered message `mid` (an MQTT 5 reason code, or 0)."""
         self._acked.append((mid, code))
@@ -204,7 +221,7 @@ class SendWindow:
 
     def fill(self, send: Send, connected: Callable[[], bool]) -> None:
         """Live rows first (looked up once per loop turn), then resend, then backlog."""
-        if not self._lanes[LIVE]:
+        if not self._lanes[LIVE] and self.buffer.newest_seq > self._live_cursor:
             rows = self.buffer.unsent(self._live_cursor, limit=self.fetch_rows)
             if rows:
                 self._live_cursor = rows[-1].seq
