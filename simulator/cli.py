@@ -15,7 +15,8 @@ that a test (or a curious technician) knows what was served when. Faults can be 
 {"unit": 1, "set": {"ac_power": 12.345}} (a constant value), {"unit": 1, "unset": ["ac_power"]};
 {"unit": 3, "turnaround_ms": 40}; {"cmd": "state"} (requests and answers per unit);
 {"cmd": "drop"} (close every TCP connection, like a DTU that reboots). `--chaos SEED[:SECONDS]`
-lets faults come and go by themselves, the same for the same seed (simulator/chaos.py).
+lets faults and broken frames come and go by themselves, the same for the same seed, on every unit
+or only on `--chaos-units 3,4` (simulator/chaos.py, simulator/frames.py).
 
 Serial listeners emulate the wire: `rtu:///dev/pts/N?baudrate=9600&parity=N&turnaround_ms=20` holds
 each answer back until request and response could have crossed a real 9600-baud line, plus the
@@ -78,6 +79,7 @@ class SimSpec:
     control: str | None = None
     profiles: list[str] = field(default_factory=list)
     chaos: str | None = None  # SEED[:SECONDS], simulator/chaos.py
+    chaos_units: str | None = None  # "3,4": only these units are chaotic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", action="append", default=[], help="extra directory of device maps")
     p.add_argument("--chaos", default=None, metavar="SEED[:SECONDS]",
                    help="faults that come and go: every SECONDS (default 10) each unit draws a new one (seeded)")
+    p.add_argument("--chaos-units", default=None, metavar="UNIT[,UNIT...]",
+                   help="chaos only for these units; the others on the same bus stay healthy (default: all)")
     args = p.parse_args(argv)
     try:
         spec = _spec(args)
@@ -153,10 +157,19 @@ def _spec(args: argparse.Namespace) -> SimSpec:
         raise ValueError(f"unknown time zone {spec.timezone!r}; expected an IANA name such as Asia/Shanghai") from None
     spec.control = args.control or spec.control
     spec.profiles += args.profiles
-    if args.chaos:
-        Chaos.parse(args.chaos)
-        spec.chaos = args.chaos
+    _chaos_args(spec, args.chaos, getattr(args, "chaos_units", None))  # a namespace built by hand may lack it
     return spec
+
+
+def _chaos_args(spec: SimSpec, chaos_text: str | None, units: str | None) -> None:
+    if units and not chaos_text:
+        raise ValueError("--chaos-units needs --chaos SEED[:SECONDS]")
+    if chaos_text:
+        chaos = Chaos.parse(chaos_text, units)
+        served = {d.unit for lst in spec.listeners for d in lst.devices}
+        if chaos.units - served:
+            raise ValueError(f"--chaos-units {units}: no unit {', '.join(map(str, sorted(chaos.units - served)))}")
+        spec.chaos, spec.chaos_units = chaos_text, units
 
 
 def _night_arg(spec: SimSpec, text: str) -> None:
@@ -276,7 +289,7 @@ async def _run(spec: SimSpec) -> int:
             server = await serve_tcp(bus)
             closers.append(server)
     control = await _start_control(spec.control, buses) if spec.control else None
-    chaos = asyncio.create_task(run_chaos(Chaos.parse(spec.chaos), buses)) if spec.chaos else None
+    chaos = asyncio.create_task(run_chaos(Chaos.parse(spec.chaos, spec.chaos_units), buses)) if spec.chaos else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
