@@ -23,6 +23,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -280,6 +281,10 @@ class LinkClient:
         finally:
             self._waiting = False
         self._answered()
+        return self._checked(rr, table, count, unit, started)
+
+    def _checked(self, rr: Any, table: Table, count: int, unit: int, started: float) -> list[int]:
+        """The registers (bits as 0/1) of an answer that is what was asked; else DeviceError."""
         if rr.isError():
             self.stats.errors += 1
             code = getattr(rr, "exception_code", None)
