@@ -142,8 +142,10 @@ class Bus:
             if fault.kind == "corrupt" and fault.strikes(device.rng):
                 frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])
             elif fault.kind in _REPLY_FRAME_FAULTS and fault.strikes(device.rng):
-                frame = mangle(fault.kind, response, framer, device.rng)
-                self.chaos_event(pdu.dev_id, fault.kind, frame)
+                broken = mangle(fault.kind, response, framer, device.rng)
+                if broken != frame:  # an MBAP fault on RTU, or a layout fault on an exception, changes nothing
+                    frame = broken
+                    self.chaos_event(pdu.dev_id, fault.kind, frame)
             turnaround = device.turnaround_s if device.turnaround_s is not None else self.listen.turnaround_s
             if fault.kind == "slow" and fault.strikes(device.rng):
                 turnaround += fault.arg
