@@ -34,11 +34,11 @@ from drivers.link import LinkClient
 from drivers.model import Link, LinkType, Table
 from simulator.chaos import CHAOS_FAULTS, rounds
 from simulator.frames import FRAME_KINDS, SECOND_MASTER_UNITS, crc_ok, mangle, second_master_request, stray_reply
+from simulator.physics import SimClock
 from support.chain import PY, SimDev, mismatches, readings, sim_device, start_agent
 from support.collector import Collector
 from support.ports import free_port
 from support.procs import Proc
-from simulator.physics import SimClock
 
 ProcStarter = Callable[..., Proc]
 CollectorFactory = Callable[..., Collector]
@@ -170,6 +170,47 @@ async def _alternate(client: LinkClient) -> dict[int, list[str]]:
     finally:
         client.close()
     return out
+
+
+def test_frame_on_an_idle_line_makes_the_next_request_wait_for_quiet() -> None:
+    """Injected fault, from a scripted peer (a DTU in transparent mode): a unit sends a frame while
+    no request is pending. On a real wire the rest of such a frame may still be arriving, and a
+    request sent into it collides; the link client waits until the line has been quiet for its
+    inter-frame gap before it talks again (without that, it asked some 20 ms after the stray frame)."""
+    gap = 0.2
+    rtu = FramerRTU(DecodePDU(True))
+    request_times: list[float] = []
+    stray_at: list[float] = []
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(256):
+            request_times.append(time.monotonic())
+            writer.write(rtu.buildFrame(_reply(unit=data[0])))
+            if len(request_times) == 1:
+                await asyncio.sleep(0.02)
+                writer.write(stray_reply(13, rtu, random.Random(1)))  # the injected stray frame
+                stray_at.append(time.monotonic())
+
+    async def scenario() -> LinkClient:
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = LinkClient(Link("dtu", LinkType.RTU_OVER_TCP, host="127.0.0.1", port=port, timeout=0.3,
+                                 retries=0, inter_frame_s=gap))
+        try:
+            await client.read(Table.HOLDING, 0x2000, 4, 12, 0.3)
+            await client.connect()  # the first connect's own drain is over: only the stray counts now
+            await asyncio.sleep(0.04)
+            assert await client.read(Table.HOLDING, 0x2000, 4, 12, 0.3) == [0x4366, 0x8000, 0x0001, 0x0002]
+        finally:
+            client.close()
+            server.close()
+        return client
+
+    client = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert client.stats.late_frames >= 1
+    assert len(request_times) == 2 and stray_at
+    assert request_times[1] - stray_at[0] >= 0.9 * gap, (
+        f"asked {1000 * (request_times[1] - stray_at[0]):.0f} ms after a stray frame, gap is {1000 * gap:.0f} ms")
 
 
 # --------------------------------------------------------------------------- the soak
