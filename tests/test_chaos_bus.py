@@ -298,6 +298,8 @@ def test_agent_lives_through_minutes_of_bus_chaos(tmp_path: Path, broker: Any, c
     assert "Traceback" not in agent.stderr(), agent.stderr()[-3000:]
     frames = [json.loads(line) for line in sim.stdout().splitlines() if line.startswith('{"event": "chaos-frame"')]
     _chaos_happened(frames)
+    chaos_rounds = [json.loads(line) for line in sim.stdout().splitlines() if line.startswith('{"event": "chaos"')]
+    assert len(chaos_rounds) >= SOAK_S / 3 and all(set(r["faults"]) == {"12", "13"} for r in chaos_rounds)
     got = [r for r in readings([m for m in msgs if "/data/" in m.topic]) if t0 * 1000 <= r["ts"] < t1 * 1000]
     _healthy_kept_their_interval(got, clock)
     _chaotic_never_published_implausible(got, ranges)

@@ -50,3 +50,21 @@ def test_chaos_sim_and_an_agent_that_lives_through_it(procs: Any, tmp_path: Path
     assert agent.running, agent.tail()
     assert agent.terminate(timeout=20) == 0, agent.tail()
     assert "Traceback" not in agent.stderr()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--chaos-units", "1"], "--chaos-units needs --chaos"),
+    (["--chaos", "7", "--chaos-units", "1,x"], "expected unit numbers separated by commas"),
+    (["--chaos", "7", "--chaos-units", "1,9"], "--chaos-units 1,9: no unit 9"),
+])
+def test_bad_chaos_units(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulator.cli import EX_USAGE, main
+
+    assert main(["--listen", "tcp://127.0.0.1:1", "--device", "1:chint-dtsu666", *args]) == EX_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_chaos_units_leave_the_others_alone() -> None:
+    chaos = Chaos.parse("7:2", "3,4")
+    assert chaos.units == {3, 4} and chaos.applies(3) and not chaos.applies(1)
+    assert Chaos.parse("7").applies(1)
