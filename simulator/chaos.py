@@ -88,53 +88,60 @@ def rounds(seed: int, units: Sequence[int]) -> Iterator[Round]:
         yield Round(faults, rng.random() < DROP_P, rng.random() < SECOND_MASTER_P)
 
 
-async def run(chaos: Chaos, buses: list[Bus], emit: Callable[[str], None] | None = None) -> None:
+@dataclass
+class Line:
+    """What the line task needs to know: whose frames are chaos, and whether a second master talks."""
+
+    rng: random.Random
+    chaos: Chaos | None = None
+    second_master: bool = False
+
+    def chaotic(self, unit: int) -> bool:
+        return self.chaos is not None and self.chaos.applies(unit)
+
+
+async def run(chaos: Chaos, buses: list[Bus], line: Line, emit: Callable[[str], None] | None = None) -> None:
     """Apply the rounds to the running buses until cancelled."""
-    say = emit or (lambda line: print(line, flush=True))
+    say = emit or (lambda text: print(text, flush=True))
     units = sorted({unit for bus in buses for unit in bus.devices if chaos.applies(unit)})
+    line.chaos = chaos
     for bus in buses:
-        bus.on_chaos = lambda event: say(json.dumps(event))
         for unit, device in bus.devices.items():
             # Which requests a fault strikes is seeded too (the requests themselves come from the client).
             device.rng = random.Random(chaos.seed * 1000 + unit)
-    second_master = [False]
-    line = asyncio.create_task(_line(chaos, buses, second_master))
-    try:
-        for rnd in rounds(chaos.seed, units):
-            await asyncio.sleep(chaos.period_s)
-            for bus in buses:
-                for unit, device in bus.devices.items():
-                    if unit in rnd.faults:
-                        device.fault = Fault.parse(rnd.faults[unit])
-            second_master[0] = rnd.second_master
-            dropped = sum(bus.drop_clients() for bus in buses) if rnd.drop else 0
-            say(json.dumps({"event": "chaos", "t": round(time.time(), 3),
-                            "faults": {str(u): f for u, f in rnd.faults.items()},
-                            "dropped_connections": dropped, "second_master": rnd.second_master}))
-    finally:
-        line.cancel()
+    for rnd in rounds(chaos.seed, units):
+        await asyncio.sleep(chaos.period_s)
+        for bus in buses:
+            for unit, device in bus.devices.items():
+                if unit in rnd.faults:
+                    device.fault = Fault.parse(rnd.faults[unit])
+        line.second_master = rnd.second_master
+        dropped = sum(bus.drop_clients() for bus in buses) if rnd.drop else 0
+        say(json.dumps({"event": "chaos", "t": round(time.time(), 3),
+                        "faults": {str(u): f for u, f in rnd.faults.items()},
+                        "dropped_connections": dropped, "second_master": rnd.second_master}))
 
 
-async def _line(chaos: Chaos, buses: list[Bus], second_master: list[bool]) -> None:
-    """Frames nobody asked for, put on an idle line: babbling units and the second master."""
-    rng = random.Random(chaos.seed + 1)
+async def speak(buses: list[Bus], line: Line) -> None:
+    """Frames nobody asked for, put on an idle line: babbling units (a `babble` fault, set by chaos,
+    --fault or the control port) and, in chaos rounds that have one, the second master."""
     while True:
-        await asyncio.sleep(rng.uniform(*LINE_TICK_S))
+        await asyncio.sleep(line.rng.uniform(*LINE_TICK_S))
         for bus in buses:
             if bus.idle():
-                said = _speak(chaos, bus, rng, second_master[0])
+                said = _speak(bus, line)
                 if said is not None:
                     bus.unsolicited(said[2])
                     bus.chaos_event(said[0], said[1], said[2])
 
 
-def _speak(chaos: Chaos, bus: Bus, rng: random.Random, second_master: bool) -> tuple[int, str, bytes] | None:
+def _speak(bus: Bus, line: Line) -> tuple[int, str, bytes] | None:
     """(unit, kind, frame) for what is said on the bus now, or None for silence."""
     for unit, device in sorted(bus.devices.items()):
         if device.fault.kind == "babble" and device.fault.strikes(device.rng):
-            return unit, "babble", stray_reply(unit, bus.framer(), rng)
-    if second_master and any(chaos.applies(u) for u in bus.devices) and rng.random() < 0.5:
-        frame = second_master_request(bus.framer(), rng)
+            return unit, "babble", stray_reply(unit, bus.framer(), line.rng)
+    if line.second_master and any(line.chaotic(u) for u in bus.devices) and line.rng.random() < 0.5:
+        frame = second_master_request(bus.framer(), line.rng)
         return _addressed(frame, bus), "second-master", frame
     return None
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import sys
 import time
@@ -41,7 +42,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError
 from drivers.yamlsrc import Checker, load_file
-from simulator.chaos import Chaos
+from simulator.chaos import Chaos, Line, speak
 from simulator.chaos import run as run_chaos
 from simulator.device import NIGHT_MODES, Fault, SimDevice
 from simulator.image import ImageDevice, load_image
@@ -289,7 +290,13 @@ async def _run(spec: SimSpec) -> int:
             server = await serve_tcp(bus)
             closers.append(server)
     control = await _start_control(spec.control, buses) if spec.control else None
-    chaos = asyncio.create_task(run_chaos(Chaos.parse(spec.chaos, spec.chaos_units), buses)) if spec.chaos else None
+    chaos = Chaos.parse(spec.chaos, spec.chaos_units) if spec.chaos else None
+    line = Line(random.Random(chaos.seed + 1 if chaos else 1))
+    for bus in buses:  # each broken frame, as it goes out (chaos, --fault or the control port)
+        bus.on_chaos = lambda event: print(json.dumps(event), flush=True)
+    tasks = [asyncio.create_task(speak(buses, line))]
+    if chaos is not None:
+        tasks.append(asyncio.create_task(run_chaos(chaos, buses, line)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -302,8 +309,8 @@ async def _run(spec: SimSpec) -> int:
         "timezone": spec.timezone,
     }), flush=True)
     await stop.wait()
-    if chaos is not None:
-        chaos.cancel()
+    for task in tasks:
+        task.cancel()
     for c in closers:
         c.close()
     if control is not None:

@@ -33,8 +33,8 @@ class Fault:
     intermittent[:P]          does not answer with probability P (default 0.5)
     busy[:P]                  answers exception 6 (busy) with probability P (default 0.5)
     KIND[:P]                  a broken frame instead of the reply, KIND one of FRAME_KINDS
-                              (simulator/frames.py); babble[:P]: P is the chance per line tick
-                              that the unit sends a reply nobody asked for (default 0.5)
+                              (simulator/frames.py); babble[:P]: P is the chance, every 0.05-0.4 s
+                              of idle line, that the unit sends a reply nobody asked for (default 0.5)
     """
 
     kind: str = "none"

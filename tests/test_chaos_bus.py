@@ -172,6 +172,35 @@ async def _alternate(client: LinkClient) -> dict[int, list[str]]:
     return out
 
 
+def test_babbling_unit_without_chaos(procs: ProcStarter) -> None:
+    """`--fault 12:babble:1`: unit 12 sends replies nobody asked for on an idle line; the healthy
+    unit beside it is read as ever, and the client counts the strays as late frames."""
+    port = free_port()
+    sim = procs([PY, "-m", "simulator.cli", "--listen", f"rtu-over-tcp://127.0.0.1:{port}", "--device",
+                 "11:chint-dtsu666", "--device", "12:chint-dtsu666", "--fault", "12:babble:1"], "sim")
+    sim.wait_for_line(r'^\{"event": "ready"', timeout=15, stream="stdout")
+    client = LinkClient(Link("dtu", LinkType.RTU_OVER_TCP, host="127.0.0.1", port=port, timeout=0.3, retries=0,
+                             inter_frame_s=0.05))
+
+    async def scenario() -> list[int]:
+        got = []
+        try:
+            for _ in range(8):
+                try:
+                    got.append(len(await client.read(Table.HOLDING, 0x2000, 4, 11, 0.3)))
+                except DeviceError:  # a stray that raced a request into one TCP segment hides the answer
+                    got.append(0)
+                await asyncio.sleep(0.3)
+        finally:
+            client.close()
+        return got
+
+    got = asyncio.run(scenario())
+    assert got.count(4) >= 7, got
+    sim.wait_for_line(r'"fault": "babble"', timeout=5, stream="stdout")
+    assert client.stats.late_frames >= 1 and client.stats.errors == 0, client.stats
+
+
 def test_frame_on_an_idle_line_makes_the_next_request_wait_for_quiet() -> None:
     """Injected fault, from a scripted peer (a DTU in transparent mode): a unit sends a frame while
     no request is pending. On a real wire the rest of such a frame may still be arriving, and a
