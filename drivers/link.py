@@ -12,6 +12,11 @@ What this module adds on top of pymodbus:
   been silent for `inter_frame` (bytes of a late reply that arrive meanwhile are drained and
   counted), so a late reply is never taken as the answer to the next request (limits.md §3);
 - after every good answer on a serial bus, the 3.5-character silence Modbus RTU asks for;
+- an answer must be the one asked for: the same function code and the number of registers
+  asked (pymodbus checks neither); a frame that passes framing but not decoding (a lying byte
+  count) fails the request as a garbled answer instead of the connection, and a frame that
+  arrives while nothing was asked (a babbling unit, a second master) also makes the next
+  request wait for a quiet line;
 - reconnects with exponential backoff, including a first connect that fails, for a serial
   port that vanishes (USB adapter unplugged) and for a TCP peer (DTU) that drops.
 """
