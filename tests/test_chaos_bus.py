@@ -1,8 +1,9 @@
 """Chaos at frame level: broken frames on the bus, and the real agent living through minutes of it.
 
 - each broken frame of pvgate-sim (simulator/frames.py) is what it says, framed by pymodbus;
-- the link client turns every one of them into a counted device error (never a lost link, a
-  crash, or a wrong answer taken for a right one), while a healthy unit on the same link answers;
+- the link client turns every one it can recognise into a counted device error (never a lost
+  link, a crash, or an answer of another function or length taken for the right one), while a
+  healthy unit on the same link answers; a frame on an idle line makes it wait for quiet;
 - the soak: pvgate-sim with `--chaos SEED:3 --chaos-units 12,13` on a 9600-baud RTU bus (socat
   pty) and on a Modbus TCP gateway at once, the agent polling both, mosquitto in between. The
   agent never dies, the healthy units keep their interval and publish what was served, the
@@ -301,6 +302,7 @@ def _site(tmp: Path, broker_port: int, pty: Path, tcp_port: int) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.contract
 def test_agent_lives_through_minutes_of_bus_chaos(tmp_path: Path, broker: Any, collector_factory: CollectorFactory,
                                                   procs: ProcStarter) -> None:
     (tmp_path / "profiles").mkdir()
