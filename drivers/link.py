@@ -12,6 +12,11 @@ What this module adds on top of pymodbus:
   been silent for `inter_frame` (bytes of a late reply that arrive meanwhile are drained and
   counted), so a late reply is never taken as the answer to the next request (limits.md §3);
 - after every good answer on a serial bus, the 3.5-character silence Modbus RTU asks for;
+- an answer must be the one asked for: the same function code and the number of registers
+  asked (pymodbus checks neither); a frame that passes framing but not decoding (a lying byte
+  count) fails the request as a garbled answer instead of the connection, and a frame that
+  arrives while nothing was asked (a babbling unit, a second master) also makes the next
+  request wait for a quiet line;
 - reconnects with exponential backoff, including a first connect that fails, for a serial
   port that vanishes (USB adapter unplugged) and for a TCP peer (DTU) that drops.
 """
@@ -23,6 +28,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -41,6 +47,7 @@ CONNECT_TIMEOUT_S = 3.0
 DRAIN_MAX_S = 0.5  # a babbling line (noise, a unit stuck sending) cannot hold the bus longer than gap + this
 REQUEST_CHARS = 8  # every read request: unit, function, address, count, CRC
 RESPONSE_OVERHEAD_CHARS = 5  # unit, function, byte count, CRC
+_FC_BY_TABLE = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}
 
 
 def char_seconds(baudrate: int, parity: str = "N", stopbits: int = 1, bytesize: int = 8) -> float:
@@ -93,6 +100,7 @@ class LinkClient:
         self._last_rx = 0.0
         self._dirty_since: float | None = None  # a timeout or garbage: drain before the next request
         self._quiet_until = 0.0
+        self._garbled = False  # the pending answer failed PDU decoding
         if link.serial is not None:
             s = link.serial
             self.char_s = char_seconds(s.baudrate, s.parity, s.stopbits, s.bytesize)
@@ -118,7 +126,31 @@ class LinkClient:
             self._last_rx = time.monotonic()
             if not self._waiting:
                 self.stats.late_frames += 1
+                # A frame nobody asked for (a babbling unit, a second master): the next request
+                # waits for a quiet line, so the rest of it cannot become that request's answer.
+                if self._dirty_since is None:
+                    self._dirty_since = self._last_rx
         return data
+
+    def _guard_decoding(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient) -> None:
+        """pymodbus raises out of its data_received when a frame passes framing but not PDU
+        decoding (a byte count that lies): on TCP asyncio then closes the socket, taking every
+        unit of the link down, and logs a traceback. Such bytes are garbage on the line: drop
+        them and fail the pending request at once as a garbled answer."""
+        ctx = client.ctx
+        decode = ctx.callback_data
+
+        def guarded(data: bytes, addr: tuple[str, int] | None = None) -> int:
+            try:
+                used: int = decode(data, addr)
+            except ModbusException as err:
+                self._garbled = True
+                if not ctx.response_future.done():
+                    ctx.response_future.set_exception(ModbusIOException(f"undecodable answer: {err}"))
+                return len(data)
+            return used
+
+        ctx.callback_data = guarded  # type: ignore[method-assign]
 
     # -- connection --------------------------------------------------------------------------
 
@@ -141,6 +173,7 @@ class LinkClient:
             )
         # We decide when a link is broken, not the count of one dead unit's timeouts.
         client.set_max_no_responses(1 << 30)
+        self._guard_decoding(client)
         return client
 
     @property
@@ -214,6 +247,7 @@ class LinkClient:
         self.stats.transactions += 1
         started = time.monotonic()
         self._waiting = True
+        self._garbled = False
         try:
             if table is Table.HOLDING:
                 rr = await client.read_holding_registers(address, count=count, device_id=unit)
@@ -228,6 +262,10 @@ class LinkClient:
             self._lost(str(err))
             raise LinkError(f"link {self.link.id}: connection lost ({err})") from err
         except ModbusIOException as err:
+            if self._garbled:
+                self.stats.errors += 1
+                self._spoiled(timed_out=False)
+                raise DeviceError(f"unit {unit}: garbled answer ({err})") from err
             # No (matching) answer in time: pymodbus also raises this for a frame of another unit.
             self._spoiled(timed_out=True)
             if not self.connected:
@@ -248,17 +286,29 @@ class LinkClient:
         finally:
             self._waiting = False
         self._answered()
+        return self._checked(rr, table, count, unit, started)
+
+    def _checked(self, rr: Any, table: Table, count: int, unit: int, started: float) -> list[int]:
+        """The registers (bits as 0/1) of an answer that is what was asked; else DeviceError."""
         if rr.isError():
             self.stats.errors += 1
             code = getattr(rr, "exception_code", None)
             raise DeviceError(f"unit {unit}: Modbus exception {code}", exception_code=code)
         self.stats.response_s_total += time.monotonic() - started
-        if table.is_bit:
-            return [int(b) for b in rr.bits[:count]]
-        if len(rr.registers) != count:
+        fc = _FC_BY_TABLE[table]
+        if rr.function_code != fc:
+            # pymodbus takes any response of the asking unit: an input-register answer to a
+            # holding-register read has the same layout and would decode as the wrong registers.
             self.stats.errors += 1
             self._spoiled(timed_out=False)
-            raise DeviceError(f"unit {unit}: asked {count} registers, got {len(rr.registers)}")
+            raise DeviceError(f"unit {unit}: answered function {rr.function_code} to a function {fc} read")
+        got = len(rr.bits) if table.is_bit else len(rr.registers)
+        if got < count if table.is_bit else got != count:  # bits come padded to whole bytes
+            self.stats.errors += 1
+            self._spoiled(timed_out=False)
+            raise DeviceError(f"unit {unit}: asked {count} {'bits' if table.is_bit else 'registers'}, got {got}")
+        if table.is_bit:
+            return [int(b) for b in rr.bits[:count]]
         return list(rr.registers)
 
     def _answered(self) -> None:

@@ -15,7 +15,8 @@ that a test (or a curious technician) knows what was served when. Faults can be 
 {"unit": 1, "set": {"ac_power": 12.345}} (a constant value), {"unit": 1, "unset": ["ac_power"]};
 {"unit": 3, "turnaround_ms": 40}; {"cmd": "state"} (requests and answers per unit);
 {"cmd": "drop"} (close every TCP connection, like a DTU that reboots). `--chaos SEED[:SECONDS]`
-lets faults come and go by themselves, the same for the same seed (simulator/chaos.py).
+lets faults and broken frames come and go by themselves, the same for the same seed, on every unit
+or only on `--chaos-units 3,4` (simulator/chaos.py, simulator/frames.py).
 
 Serial listeners emulate the wire: `rtu:///dev/pts/N?baudrate=9600&parity=N&turnaround_ms=20` holds
 each answer back until request and response could have crossed a real 9600-baud line, plus the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import sys
 import time
@@ -40,7 +42,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import ConfigError
 from drivers.yamlsrc import Checker, load_file
-from simulator.chaos import Chaos
+from simulator.chaos import Chaos, Line, speak
 from simulator.chaos import run as run_chaos
 from simulator.device import NIGHT_MODES, Fault, SimDevice
 from simulator.image import ImageDevice, load_image
@@ -78,6 +80,7 @@ class SimSpec:
     control: str | None = None
     profiles: list[str] = field(default_factory=list)
     chaos: str | None = None  # SEED[:SECONDS], simulator/chaos.py
+    chaos_units: str | None = None  # "3,4": only these units are chaotic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", action="append", default=[], help="extra directory of device maps")
     p.add_argument("--chaos", default=None, metavar="SEED[:SECONDS]",
                    help="faults that come and go: every SECONDS (default 10) each unit draws a new one (seeded)")
+    p.add_argument("--chaos-units", default=None, metavar="UNIT[,UNIT...]",
+                   help="chaos only for these units; the others on the same bus stay healthy (default: all)")
     args = p.parse_args(argv)
     try:
         spec = _spec(args)
@@ -153,10 +158,19 @@ def _spec(args: argparse.Namespace) -> SimSpec:
         raise ValueError(f"unknown time zone {spec.timezone!r}; expected an IANA name such as Asia/Shanghai") from None
     spec.control = args.control or spec.control
     spec.profiles += args.profiles
-    if args.chaos:
-        Chaos.parse(args.chaos)
-        spec.chaos = args.chaos
+    _chaos_args(spec, args.chaos, getattr(args, "chaos_units", None))  # a namespace built by hand may lack it
     return spec
+
+
+def _chaos_args(spec: SimSpec, chaos_text: str | None, units: str | None) -> None:
+    if units and not chaos_text:
+        raise ValueError("--chaos-units needs --chaos SEED[:SECONDS]")
+    if chaos_text:
+        chaos = Chaos.parse(chaos_text, units)
+        served = {d.unit for lst in spec.listeners for d in lst.devices}
+        if chaos.units - served:
+            raise ValueError(f"--chaos-units {units}: no unit {', '.join(map(str, sorted(chaos.units - served)))}")
+        spec.chaos, spec.chaos_units = chaos_text, units
 
 
 def _night_arg(spec: SimSpec, text: str) -> None:
@@ -276,7 +290,13 @@ async def _run(spec: SimSpec) -> int:
             server = await serve_tcp(bus)
             closers.append(server)
     control = await _start_control(spec.control, buses) if spec.control else None
-    chaos = asyncio.create_task(run_chaos(Chaos.parse(spec.chaos), buses)) if spec.chaos else None
+    chaos = Chaos.parse(spec.chaos, spec.chaos_units) if spec.chaos else None
+    line = Line(random.Random(chaos.seed + 1 if chaos else 1))
+    for bus in buses:  # each broken frame, as it goes out (chaos, --fault or the control port)
+        bus.on_chaos = lambda event: print(json.dumps(event), flush=True)
+    tasks = [asyncio.create_task(speak(buses, line))]
+    if chaos is not None:
+        tasks.append(asyncio.create_task(run_chaos(chaos, buses, line)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -289,8 +309,8 @@ async def _run(spec: SimSpec) -> int:
         "timezone": spec.timezone,
     }), flush=True)
     await stop.wait()
-    if chaos is not None:
-        chaos.cancel()
+    for task in tasks:
+        task.cancel()
     for c in closers:
         c.close()
     if control is not None:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from drivers.codec import encode_invalid, encode_point
 from drivers.errors import DecodeError
 from drivers.model import DataType, DeviceMap, Point, Table, Value
+from simulator.frames import FRAME_KINDS
 from simulator.physics import PvPlant, SimClock
 
-FAULT_KINDS = ("none", "silent", "slow", "corrupt", "exception", "intermittent", "busy")
+FAULT_KINDS = ("none", "silent", "slow", "corrupt", "exception", "intermittent", "busy", *FRAME_KINDS)
 # What an inverter does between its own dusk and dawn (the sun model's zero-irradiance times):
 # "silent" like most string inverters, whose Modbus interface is powered by the panels, or
 # "standby" (answers, zero power, its standby status) like inverters with an auxiliary supply.
@@ -31,6 +32,9 @@ class Fault:
     exception:CODE[:P]        answers with Modbus exception CODE (default 4)
     intermittent[:P]          does not answer with probability P (default 0.5)
     busy[:P]                  answers exception 6 (busy) with probability P (default 0.5)
+    KIND[:P]                  a broken frame instead of the reply, KIND one of FRAME_KINDS
+                              (simulator/frames.py); babble[:P]: P is the chance, every 0.05-0.4 s
+                              of idle line, that the unit sends a reply nobody asked for (default 0.5)
     """
 
     kind: str = "none"
@@ -54,7 +58,7 @@ class Fault:
         else:
             if len(nums) > 1:
                 raise ValueError(f"fault {text!r}: expected {kind}[:P]")
-            p = nums[0] if nums else {"intermittent": 0.5, "busy": 0.5}.get(kind, 1.0)
+            p = nums[0] if nums else {"intermittent": 0.5, "busy": 0.5, "babble": 0.5}.get(kind, 1.0)
             arg = p
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"fault {text!r}: probability must be 0..1")

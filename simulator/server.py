@@ -29,6 +29,7 @@ from pymodbus.pdu.register_message import (
 from drivers.link import char_seconds
 from drivers.model import Table
 from simulator.device import EXC_BUSY, EXC_ILLEGAL_FUNCTION, SimDevice
+from simulator.frames import mangle
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class Bus:
         self.requests = 0
         self.free_at = 0.0  # monotonic time at which the emulated wire is idle again
         self.clients: set[asyncio.StreamWriter] = set()  # TCP connections (a DTU's, a gateway's)
+        self.sessions: set[_StreamSession] = set()  # where unsolicited frames go (chaos: babble)
+        self.on_chaos: Callable[[dict[str, Any]], None] | None = None  # each frame fault, as it strikes
 
     def drop_clients(self) -> int:
         """Close every TCP connection, like a DTU that reboots or a 4G link that drops."""
@@ -138,6 +141,11 @@ class Bus:
             frame = framer.buildFrame(response)
             if fault.kind == "corrupt" and fault.strikes(device.rng):
                 frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])
+            elif fault.kind in _REPLY_FRAME_FAULTS and fault.strikes(device.rng):
+                broken = mangle(fault.kind, response, framer, device.rng)
+                if broken != frame:  # an MBAP fault on RTU, or a layout fault on an exception, changes nothing
+                    frame = broken
+                    self.chaos_event(pdu.dev_id, fault.kind, frame)
             turnaround = device.turnaround_s if device.turnaround_s is not None else self.listen.turnaround_s
             if fault.kind == "slow" and fault.strikes(device.rng):
                 turnaround += fault.arg
@@ -147,6 +155,25 @@ class Bus:
             if wait > 0:
                 await asyncio.sleep(wait)
             return frame
+
+    def chaos_event(self, unit: int, kind: str, frame: bytes) -> None:
+        if self.on_chaos is not None:
+            self.on_chaos({"event": "chaos-frame", "t": round(time.time(), 3), "listen": self.listen.kind,
+                           "unit": unit, "fault": kind, "frame": frame.hex()})
+
+    def framer(self) -> FramerBase:
+        return _framer(self.listen.kind)
+
+    def idle(self) -> bool:
+        """Nobody is talking and no request waits: the moment a babbling unit or a second master speaks."""
+        return (not self.lock.locked() and time.monotonic() >= self.free_at
+                and all(s.queue.empty() and not s.buf for s in self.sessions))
+
+    def unsolicited(self, frame: bytes) -> None:
+        """Put a frame on the line that answers no request; it holds the emulated wire like any other."""
+        self.free_at = time.monotonic() + (len(frame) + 3.5) * self.listen.char_s()
+        for session in list(self.sessions):
+            session.send(frame)
 
     def _respond(self, pdu: ModbusPDU, device: SimDevice) -> ModbusPDU:
         fc = pdu.function_code
@@ -173,6 +200,10 @@ class Bus:
         return ExceptionResponse(pdu.function_code, code, device_id=pdu.dev_id, transaction=pdu.transaction_id)
 
 
+_REPLY_FRAME_FAULTS = frozenset(("noise", "truncated", "overlong", "wrong-unit", "wrong-function", "byte-count",
+                                 "junk", "wrong-length", "wrong-tid", "mbap-length"))
+
+
 def _framer(kind: str) -> FramerBase:
     return FramerSocket(DecodePDU(True)) if kind == "tcp" else FramerRTU(DecodePDU(True))
 
@@ -190,6 +221,7 @@ class _StreamSession:
         self.stale_s = max(3.5 * bus.listen.char_s(), 0.05) if bus.listen.kind != "tcp" else 0.0
         self.queue: asyncio.Queue[tuple[ModbusPDU, float, int]] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._serve())
+        bus.sessions.add(self)
 
     def feed(self, data: bytes) -> None:
         now = time.monotonic()
@@ -224,6 +256,7 @@ class _StreamSession:
                 self.send(reply)
 
     def close(self) -> None:
+        self.bus.sessions.discard(self)
         self.task.cancel()
 
 

@@ -19,9 +19,9 @@ def test_same_seed_same_faults() -> None:
     first = list(itertools.islice(rounds(7, [1, 2, 11]), 50))
     assert first == list(itertools.islice(rounds(7, [11, 2, 1]), 50))
     assert first != list(itertools.islice(rounds(8, [1, 2, 11]), 50))
-    kinds = [fault for faults, _ in first for fault in faults.values()]
+    kinds = [fault for rnd in first for fault in rnd.faults.values()]
     assert kinds.count("none") > len(kinds) / 4
-    assert len(set(kinds)) >= 5 and any(drop for _, drop in first)
+    assert len(set(kinds)) >= 5 and any(rnd.drop for rnd in first) and any(rnd.second_master for rnd in first)
     for name, _ in CHAOS_FAULTS:
         Fault.parse(name)
 
@@ -46,7 +46,25 @@ def test_chaos_sim_and_an_agent_that_lives_through_it(procs: Any, tmp_path: Path
         sim.wait_for_line(r'^\{"event": "chaos"', timeout=5, stream="stdout", since=sim.mark())
     lines = [json.loads(line) for line in sim.stdout().splitlines() if line.startswith('{"event": "chaos"')]
     expected = list(itertools.islice(rounds(7, [1, 11]), len(lines)))
-    assert [line["faults"] for line in lines] == [{str(u): f for u, f in faults.items()} for faults, _ in expected]
+    assert [line["faults"] for line in lines] == [{str(u): f for u, f in rnd.faults.items()} for rnd in expected]
     assert agent.running, agent.tail()
     assert agent.terminate(timeout=20) == 0, agent.tail()
     assert "Traceback" not in agent.stderr()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--chaos-units", "1"], "--chaos-units needs --chaos"),
+    (["--chaos", "7", "--chaos-units", "1,x"], "expected unit numbers separated by commas"),
+    (["--chaos", "7", "--chaos-units", "1,9"], "--chaos-units 1,9: no unit 9"),
+])
+def test_bad_chaos_units(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulator.cli import EX_USAGE, main
+
+    assert main(["--listen", "tcp://127.0.0.1:1", "--device", "1:chint-dtsu666", *args]) == EX_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_chaos_units_leave_the_others_alone() -> None:
+    chaos = Chaos.parse("7:2", "3,4")
+    assert chaos.units == {3, 4} and chaos.applies(3) and not chaos.applies(1)
+    assert Chaos.parse("7").applies(1)
