@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import pytest
 
 from agent.poller import LinkWorker
+from agent.poller.state import Job
 from drivers.devicemap import ProfileLibrary
 from drivers.errors import DeviceError, LinkError
 from drivers.link import LinkClient, LinkStats
@@ -485,3 +486,24 @@ def test_fault_syntax(text: str, kind: str, arg: float, p: float) -> None:
 def test_fault_syntax_errors(text: str) -> None:
     with pytest.raises(ValueError):
         Fault.parse(text)
+
+
+def test_a_cancel_that_arrives_with_a_wake_up_stops_the_worker() -> None:
+    """A poll request wakes the worker in the same turn as the agent's stop cancels it: on Python
+    3.11 a wait_for-based wait swallowed that cancel, and the agent hung in `stopping`."""
+
+    async def main() -> None:
+        for _ in range(100):
+            dev = device("inv01", 1)
+            worker = LinkWorker(LINK, [dev], Recorder(), client=FakeClient(LINK, {}))  # type: ignore[arg-type]
+            # a job not due for a while: the worker waits with a timeout, as between a retry's attempts
+            worker._jobs.append(Job(worker.states["inv01"], 0, time.monotonic(), False, 1,
+                                    not_before=time.monotonic() + 60))
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(0.001)
+            worker._wake.set()
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2.0)
+            assert done, "the worker did not stop on cancel"
+
+    asyncio.run(main())

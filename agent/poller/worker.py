@@ -133,7 +133,10 @@ class LinkWorker:
             self._wake.clear()
             later = min((j.not_before for j in self._jobs), default=None)
             try:
-                await asyncio.wait_for(self._wake.wait(), None if later is None else max(0.0, later - now))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives with
+                # the wake-up, and a worker that misses its cancel holds up the agent's stop forever.
+                async with asyncio.timeout(None if later is None else max(0.0, later - now)):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
