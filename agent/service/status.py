@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from agent.service import process
+
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "pvgate.sock"
@@ -158,10 +160,14 @@ class StatusServer:
         if not isinstance(request, dict):
             return {"ok": False, "error": "malformed request: expected a JSON object"}
         try:
-            return await self.handler(request)
+            reply = await self.handler(request)
         except Exception as err:  # a status question must never take the agent down
             log.warning("device=_site status request failed: %s", err)
             return {"ok": False, "error": f"internal error: {err}"}
+        if isinstance(reply.get("status"), dict):
+            # Here, on the event loop: its asyncio tasks can only be counted from its own thread.
+            reply["status"]["process"] = process.snapshot()
+        return reply
 
 
 # -- client (pvgate status) --------------------------------------------------------------------
@@ -257,6 +263,13 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+def _process_line(pr: dict[str, Any]) -> list[str]:
+    if not pr:
+        return []
+    return [f"process {_mb(pr.get('rss_bytes'))} resident, {pr.get('fds')} open files, "
+            f"{pr.get('threads')} threads, {pr.get('tasks')} asyncio tasks"]
+
+
 def format_status(st: dict[str, Any], values: bool = True) -> str:
     """The status reply as a table a technician can read on an 80-column terminal."""
     now = int(st.get("ts") or time.time() * 1000)
@@ -286,6 +299,7 @@ def format_status(st: dict[str, Any], values: bool = True) -> str:
     if wd.get("enabled"):
         stalled = wd.get("stalled") or []
         lines.append(f"watchdog  {'STALLED: ' + ', '.join(stalled) if stalled else 'ok'}")
+    lines += _process_line(st.get("process") or {})
     lines.append("")
     link_rows = []
     for lid, ln in sorted(st.get("links", {}).items()):
