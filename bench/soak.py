@@ -261,9 +261,10 @@ class Result:
 class Soak:
     """The broker, the simulator and the agent, disturbed cycle after cycle and sampled."""
 
-    def __init__(self, opts: Options, work: Path) -> None:
+    def __init__(self, opts: Options, work: Path, csv_path: Path | None = None) -> None:
         self.opts = opts
         self.work = work
+        self.csv_path = csv_path
         self.registry = ProcRegistry(work)
         self.broker = Broker(work / "broker")
         self.links = layout(opts.devices)
@@ -376,8 +377,21 @@ class Soak:
     # -- sampling --------------------------------------------------------------------------
 
     def _sample_loop(self) -> None:
-        while not self._done.wait(self.opts.sample_s):
-            self.samples.append(self.sample())
+        fields = list(Sample.__dataclass_fields__)
+        out = open(self.csv_path, "w", newline="", encoding="utf-8") if self.csv_path else None  # noqa: SIM115
+        try:
+            writer = csv.DictWriter(out, fieldnames=fields) if out else None
+            if writer is not None:
+                writer.writeheader()
+            while not self._done.wait(self.opts.sample_s):
+                sample = self.sample()
+                self.samples.append(sample)
+                if writer is not None and out is not None:  # as it comes: a run cut short keeps its samples
+                    writer.writerow(asdict(sample))
+                    out.flush()
+        finally:
+            if out is not None:
+                out.close()
 
     def sample(self) -> Sample:
         from agent.service import process
@@ -399,8 +413,8 @@ class Soak:
         return s
 
 
-def run(opts: Options, work: Path, progress: bool = True) -> Result:
-    soak = Soak(opts, work)
+def run(opts: Options, work: Path, progress: bool = True, csv_path: Path | None = None) -> Result:
+    soak = Soak(opts, work, csv_path)
     n_cycles = n_cycles_of(opts)
     try:
         soak.start()
@@ -443,16 +457,24 @@ def summary(result: Result, opts: Options) -> str:
     return "\n".join(lines)
 
 
-def write_samples(result: Result, csv_path: Path | None, json_path: Path | None) -> None:
-    rows = [asdict(x) for x in result.samples]
-    if csv_path is not None:
-        with open(csv_path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(Sample.__dataclass_fields__))
-            writer.writeheader()
-            writer.writerows(rows)
-    if json_path is not None:
-        json_path.write_text(json.dumps({"counts": result.counts, "seconds": result.seconds,
-                                         "verdict": asdict(result.verdict), "samples": rows}, indent=1))
+def write_json(result: Result, path: Path) -> None:
+    path.write_text(json.dumps({"counts": result.counts, "seconds": result.seconds, "verdict": asdict(result.verdict),
+                                "samples": [asdict(x) for x in result.samples]}, indent=1))
+
+
+def load_csv(path: Path) -> list[Sample]:
+    """Samples written by --csv (of a run finished or cut short)."""
+    def num(text: str) -> int | None:
+        return None if text == "" else int(float(text))
+
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            out.append(Sample(float(row["t"]), int(row["cycle"]), row["phase"], row["quiet"] == "True",
+                              num(row["rss_bytes"]), num(row["fds"]), num(row["threads"]), num(row["tasks"]),
+                              num(row["unsent"]), num(row["buffer_bytes"]),
+                              None if row["mqtt"] == "" else row["mqtt"] == "True"))
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -467,8 +489,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample", type=float, default=5.0, help="seconds between samples (default 5)")
     p.add_argument("--warmup", type=float, default=0.25, help="fraction of the run not judged (default 0.25)")
     p.add_argument("--rss-limit", type=float, default=5.0, help="RSS growth allowed, percent (default 5)")
-    p.add_argument("--csv", type=Path, help="write the samples here")
+    p.add_argument("--csv", type=Path, help="write the samples here, one line as each is taken")
     p.add_argument("--json", type=Path, help="write samples, counts and verdict here")
+    p.add_argument("--judge", type=Path, metavar="CSV", help="judge the samples of an earlier run (--csv) and exit")
     p.add_argument("--workdir", type=Path, help="keep logs, site file and buffer here (default: a temp dir, removed)")
     return p.parse_args(argv)
 
@@ -478,14 +501,19 @@ def main(argv: list[str] | None = None) -> int:
     interval = float(args.interval.rstrip("s"))
     opts = Options(args.minutes, args.devices, interval, args.speed, CYCLES[args.cycle], args.sample, args.warmup,
                    Limits(rss_pct=args.rss_limit))
+    if args.judge is not None:
+        verdict = judge(load_csv(args.judge), args.warmup, opts.limits)
+        print(format_verdict(verdict))
+        return 0 if verdict.ok else 1
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"soak: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {n_cycles_of(opts)} cycles of "
           f"{opts.cycle.length:g} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="pvgate-soak-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = run(opts, work)
-    write_samples(result, args.csv, args.json)
+        result = run(opts, work, csv_path=args.csv)
+    if args.json is not None:
+        write_json(result, args.json)
     print(summary(result, opts))
     print(format_verdict(result.verdict), flush=True)
     return 0 if result.verdict.ok else 1
