@@ -477,11 +477,27 @@ def load_csv(path: Path) -> list[Sample]:
     return out
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text[:-1] if text.endswith("s") else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds such as 10s or 2.5, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="how long (default 60)")
-    p.add_argument("--devices", type=int, default=200, help="simulated devices, ten per link (default 200)")
-    p.add_argument("--interval", default="10s", help="poll interval of every device (default 10s)")
+    p.add_argument("--devices", type=_count, default=200, help="simulated devices, ten per link (default 200)")
+    p.add_argument("--interval", type=_seconds, default=10.0, help="poll interval of every device (default 10s)")
     p.add_argument("--speed", type=float, default=10.0, help="the simulator's clock speed (default 10)")
     p.add_argument("--cycle", choices=sorted(CYCLES), default="long",
                    help=f"phase lengths: long = {CYCLES['long'].length:g} s a cycle, "
@@ -498,11 +514,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    interval = float(args.interval.rstrip("s"))
-    opts = Options(args.minutes, args.devices, interval, args.speed, CYCLES[args.cycle], args.sample, args.warmup,
+    opts = Options(args.minutes, args.devices, args.interval, args.speed, CYCLES[args.cycle], args.sample, args.warmup,
                    Limits(rss_pct=args.rss_limit))
     if args.judge is not None:
-        verdict = judge(load_csv(args.judge), args.warmup, opts.limits)
+        try:
+            samples = load_csv(args.judge)
+        except (OSError, KeyError, ValueError) as err:
+            print(f"soak: cannot read samples from {args.judge}: {err}", file=sys.stderr)
+            return 66
+        verdict = judge(samples, args.warmup, opts.limits)
         print(format_verdict(verdict))
         return 0 if verdict.ok else 1
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
