@@ -28,7 +28,7 @@ from test_fuzz_config import scalars
 from agent import i18n
 from agent.commission import budget, scan
 from agent.config import format_problems, load_site, site_language
-from agent.service.status import format_status
+from agent.service.statustext import format_status
 from drivers.errors import ConfigError, Msg, Problem
 from drivers.model import Link, LinkType
 from support.broker import Broker
