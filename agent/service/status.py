@@ -24,7 +24,6 @@ import os
 import socket
 import stat
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
