@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.config import load_site
 from agent.poller.learning import Learned, fingerprint
 from agent.service.learned import LearnedFile
@@ -66,3 +68,23 @@ def test_a_restart_starts_from_the_learned_register_set(tmp_path: Path) -> None:
         assert not any(b.start <= gap < b.start + b.count for b in state.blocks)
     finally:
         agent.buffer.close()
+
+
+def test_learned_sets_saved_from_many_threads_at_once_end_as_the_newest(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Devices learn at the same moment and each save runs on an executor thread: no save may
+    rename the temporary file away from another, and the file ends with the newest sets."""
+    import concurrent.futures
+
+    learned_file = LearnedFile(tmp_path)
+    sets: dict[str, Learned] = {}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = []
+        for i in range(200):
+            sets[f"inv{i:03d}"] = Learned("layout", {(Table.HOLDING, i, i)})
+            learned_file.stage(sets)
+            futures.append(pool.submit(learned_file.flush))
+        for f in futures:
+            f.result()
+    assert "cannot save" not in caplog.text
+    assert set(learned_file.load()) == set(sets)

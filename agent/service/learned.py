@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 from agent import private
@@ -22,6 +23,11 @@ FILE_NAME = "learned-registers.json"
 class LearnedFile:
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / FILE_NAME
+        # Devices learn at the same time and each save runs on an executor thread: two writers of
+        # the one temporary file renamed it away from each other and could mix their contents.
+        self._lock = threading.Lock()
+        self._staged: tuple[int, str] = (0, "")
+        self._written = 0
 
     def load(self) -> dict[str, Learned]:
         try:
@@ -34,8 +40,24 @@ class LearnedFile:
             return {}
 
     def save(self, learned: dict[str, Learned]) -> None:
+        self.stage(learned)
+        self.flush()
+
+    def stage(self, learned: dict[str, Learned]) -> None:
+        """Take the newest register sets (on the event loop, in the order they were learned)."""
         body = json.dumps({dev: item.to_json() for dev, item in sorted(learned.items())}, indent=1)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        with self._lock:
+            self._staged = (self._staged[0] + 1, body)
+
+    def flush(self) -> None:
+        """Write the newest staged sets, unless a flush already did (on an executor thread)."""
+        with self._lock:
+            generation, body = self._staged
+            if generation > self._written:
+                self._write(self.path.with_name(self.path.name + ".tmp"), body)
+                self._written = generation
+
+    def _write(self, tmp: Path, body: str) -> None:
         try:
             with private.open_text(tmp) as fh:
                 fh.write(body)

@@ -151,8 +151,8 @@ class Agent:
     def _learned(self, device_id: str, learned: Learned) -> None:
         """A device's register set was learned (or forgotten): keep it for the next start."""
         self.learned[device_id] = learned
-        snapshot = dict(self.learned)
-        asyncio.get_running_loop().run_in_executor(None, self.learned_file.save, snapshot)
+        self.learned_file.stage(self.learned)
+        asyncio.get_running_loop().run_in_executor(None, self.learned_file.flush)
 
     def _identity(self, device_id: str, identity: dict[str, Any]) -> None:
         """A nameplate read: stored for the meta message; a device clock is a witness of ours."""
