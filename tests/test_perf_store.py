@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.store.buffer import Buffer
 from agent.store.writer import BufferWriter
-from drivers.model import Reading
+from drivers.model import Reading, Value
 
 
 def _reading(i: int) -> Reading:
@@ -63,7 +63,7 @@ def test_bytes_written_per_reading_at_a_steady_site(tmp_path: Path) -> None:
     it (the publisher's PUBACKs), checkpoints included. 1 KiB pages for a new file: ~120 B per
     value here (~1,200 B per record), where 4 KiB pages wrote ~2,500-3,400 B per record."""
     buf = Buffer(tmp_path / "buffer.sqlite", max_mb=1024, min_free_mb=1)
-    values = {f"v{i}": 1234.5 + i for i in range(10)}
+    values: dict[str, Value] = {f"v{i}": 1234.5 + i for i in range(10)}
     try:
         assert buf.budget.page_size == 1024
 
@@ -103,7 +103,7 @@ def test_an_existing_file_keeps_its_page_size(tmp_path: Path) -> None:
     try:
         assert buf.budget.page_size == 4096
         assert buf.budget.max_pages * 4096 <= 1024 * 1024
-        big = {"blob": "x" * 2000}
+        big: dict[str, Value] = {"blob": "x" * 2000}
         for k in range(60):  # 1 MB at ~2 KB per record: room is made, the file stays within max_mb
             buf.append([Reading("inv01", 1_700_000_000_000 + k * 10_000 + i, big, []) for i in range(10)])
         assert buf.size_bytes() <= 1024 * 1024 * 1.05
