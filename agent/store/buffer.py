@@ -68,7 +68,6 @@ class Buffer(Listeners):
                  min_free_mb: float = 64.0) -> None:
         self.path = Path(path)
         self.wal_path = Path(f"{self.path}-wal")
-        self._limits = (max_mb, min_free_mb, keep_sent_days)
         self.budget = Budget.of(max_mb, min_free_mb, keep_sent_days)
         self.budget_bytes = self.budget.budget_bytes
         self.keep_sent_ms = self.budget.keep_sent_ms
@@ -90,13 +89,10 @@ class Buffer(Listeners):
         while True:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             try:
-                page_size = NEW_PAGE_SIZE
-                if damage is None and self.path.exists() and self.path.stat().st_size > 0:
-                    found = opening.check(db)
-                    if found is not None:
-                        raise _Damaged(found)
-                    page_size = sql.pragma(db, "page_size")  # an existing file keeps its own
-                self.budget = Budget.of(*self._limits, page_size=page_size)
+                existing = damage is None and self.path.exists() and self.path.stat().st_size > 0
+                if existing and (found := opening.check(db)) is not None:
+                    raise _Damaged(found)
+                self.budget = self.budget.in_pages(sql.pragma(db, "page_size") if existing else NEW_PAGE_SIZE)
                 schema.configure(db, self.budget)
                 schema.migrate(db, self.path, self.budget)
                 self._lineage, events = opening.establish(db, self.path, lin, damage, floor)

@@ -67,6 +67,11 @@ class Budget:
                    checkpoint_frames=checkpoint_frames, txn_pages=wal_frames - checkpoint_frames,
                    max_pages=max(SCHEMA_PAGES + 2, (budget_bytes - wal_bytes) // page_size), page_size=page_size)
 
+    def in_pages(self, page_size: int) -> Budget:
+        """The same limits counted in pages of page_size (an existing file keeps its own)."""
+        return Budget.of(self.budget_bytes / 2**20, self.min_free_bytes / 2**20, self.keep_sent_ms / 86_400_000,
+                         page_size)
+
 
 class Room:
     """Keeps the buffer file within its budget; every unsent row it deletes is announced."""
