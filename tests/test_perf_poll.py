@@ -10,6 +10,7 @@ from pymodbus.client.mixin import ModbusClientMixin
 
 from drivers.codec import decode_point
 from drivers.model import Block, DataType, Point, Table
+from support.chain import Starter
 
 
 def _best(fn: Callable[[], object], number: int = 2000) -> float:
@@ -58,3 +59,36 @@ def test_decoding_a_point_costs_less_than_pymodbus_converter_alone() -> None:
 
     ratio = _best(ours) / _best(theirs)
     assert ratio < 2.0, f"decode_point costs {ratio:.2f}x pymodbus's converter alone"
+
+
+
+def test_a_modbus_tcp_answer_does_not_allocate_asyncio_s_256_kib_read(procs: Starter) -> None:
+    """asyncio reads up to 256 KiB per recv: a fresh 256 KiB buffer (an mmap, mremap and munmap
+    under glibc) for every answer of a few dozen bytes. The link reads 4 KiB at a time. The
+    simulator runs in its own process, so only the link's reads are traced here."""
+    import asyncio
+    import tracemalloc
+
+    from drivers.link import LinkClient
+    from drivers.model import Link, LinkType
+    from support.chain import SimDev, start_sim
+    from support.ports import free_port
+
+    port = free_port()
+    start_sim(procs, port, [SimDev("inv01", 1, "huawei-sun2000")])
+
+    async def scenario() -> int:
+        client = LinkClient(Link("lan", LinkType.TCP, host="127.0.0.1", port=port, timeout=1.0))
+        try:
+            await client.read(Table.HOLDING, 32080, 2, 1, 1.0)  # connected, warmed up
+            tracemalloc.start()
+            for _ in range(20):
+                await client.read(Table.HOLDING, 32080, 2, 1, 1.0)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            return peak
+        finally:
+            client.close()
+
+    peak = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert peak < 128 * 1024, f"{peak / 1024:.0f} KiB allocated at the peak of 20 reads"
