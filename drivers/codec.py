@@ -1,6 +1,6 @@
 """Registers <-> engineering values for one point (pure functions).
 
-Decoding goes through pymodbus's own converters; this module adds what device maps need on
+Decoding uses pymodbus's formats (compiled once, see _convert); this module adds what device maps need on
 top: byte swap, scale and offset, SunSpec scale factors, and "not available" sentinels.
 """
 
@@ -53,6 +53,23 @@ MAX_INVALID: dict[DataType, tuple[int, ...]] = {
 SENTINEL_SETS = {"sunspec": SUNSPEC_INVALID, "max": MAX_INVALID}
 
 
+# pymodbus's formats, compiled once: its converter builds a format string and a bytearray per
+# call, which was most of the cost of decoding a poll (~3 us of ~5 us per point).
+_REGS = {n: struct.Struct(f">{n}H") for n in (1, 2, 4)}
+_VALUE = {t: struct.Struct(f">{pm.value[0]}") for t, pm in _PYMODBUS_TYPE.items()}
+
+
+def _convert(point: Point, regs: Sequence[int]) -> int | float | str | list[bool] | list[int] | list[float]:
+    """What pymodbus's convert_from_registers gives for one value of the point's type."""
+    fmt = _VALUE.get(point.type)
+    if fmt is None or len(regs) != point.type.words:
+        return ModbusClientMixin.convert_from_registers(list(regs), _PYMODBUS_TYPE[point.type],
+                                                        word_order=_word_order(point))
+    if point.word_order is WordOrder.LITTLE:
+        regs = list(reversed(regs))
+    return fmt.unpack(_REGS[len(regs)].pack(*regs))[0]  # type: ignore[no-any-return]
+
+
 def _word_order(point: Point) -> Literal["big", "little"]:
     return "little" if point.word_order is WordOrder.LITTLE else "big"
 
@@ -89,9 +106,7 @@ def decode_raw(point: Point, regs: Sequence[int]) -> Value | None:
     if point.invalid and raw_int(point, regs) in point.invalid:
         return None
     try:
-        value = ModbusClientMixin.convert_from_registers(
-            list(regs), _PYMODBUS_TYPE[point.type], word_order=_word_order(point)
-        )
+        value = _convert(point, regs)
     except Exception as err:  # pymodbus raises its own and struct errors alike
         raise DecodeError(f"{point.key}: {err}") from err
     if isinstance(value, float) and math.isnan(value):

@@ -44,6 +44,7 @@ EXC_BUSY = 6
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 3.0
+RECV_BYTES = 4096  # asyncio reads 256 KiB at a time: above glibc's mmap threshold, an mmap per answer
 DRAIN_MAX_S = 0.5  # a babbling line (noise, a unit stuck sending) cannot hold the bus longer than gap + this
 REQUEST_CHARS = 8  # every read request: unit, function, address, count, CRC
 RESPONSE_OVERHEAD_CHARS = 5  # unit, function, byte count, CRC
@@ -210,6 +211,9 @@ class LinkClient:
             log.warning("link=%s %s open again", self.link.id, self.link.endpoint)
         self._connected_once = True
         self._down_logged = False
+        transport = getattr(self._client.ctx, "transport", None)
+        if transport is not None and hasattr(transport, "max_size"):  # asyncio's socket transports
+            transport.max_size = RECV_BYTES  # a Modbus answer is at most 260 bytes
         self._delay = RECONNECT_MIN_S
         self._next_connect = 0.0
         # Whatever was on the line before we listened is not an answer to anything.

@@ -25,7 +25,7 @@ from agent.store.buffer import Buffer, open_buffer
 from agent.store.rows import Row
 from agent.store.writer import BufferWriter
 from drivers.model import Event, Reading
-from support.faults import inject, overwrite_page, sqlite_error
+from support.faults import inject, overwrite_page, page_size, sqlite_error
 
 
 def reading(i: int, device: str = "inv01") -> Reading:
@@ -81,7 +81,7 @@ def test_header_page_overwritten_is_set_aside_and_seq_continues(tmp_path: Path) 
 def test_middle_page_overwritten_is_found_and_salvaged(tmp_path: Path) -> None:
     path = tmp_path / "buffer.sqlite"
     seqs = filled(path, 3000, sent=1000)
-    pages = path.stat().st_size // 4096
+    pages = path.stat().st_size // page_size(path)
     overwrite_page(path, pages // 2)
     buf = Buffer(path, max_mb=8, min_free_mb=0)
     try:

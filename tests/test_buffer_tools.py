@@ -16,7 +16,7 @@ from agent.store import readonly
 from agent.store.buffer import Buffer
 from drivers.model import Reading
 from support.chain import SimDev, write_site
-from support.faults import overwrite_page
+from support.faults import overwrite_page, page_size
 
 
 def reading(i: int) -> Reading:
@@ -103,7 +103,7 @@ def test_salvage_of_a_damaged_middle_page(site: Path, tmp_path: Path) -> None:
     seqs = buf.append([reading(i) for i in range(2000)])
     buf.mark_sent([1, *seqs[:500]])
     buf.close()
-    overwrite_page(path, os.path.getsize(path) // 4096 - 3)
+    overwrite_page(path, os.path.getsize(path) // page_size(path) - 3)
     Buffer(path, max_mb=8, min_free_mb=0).close()
     [aside] = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name and not p.name.endswith(("-wal", "-shm"))]
     assert main(["buffer", "-c", str(site), "salvage", str(aside)]) == 0

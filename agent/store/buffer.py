@@ -35,7 +35,7 @@ from agent.logutil import RateLimitedLog
 from agent.store import alarms, lineage, opening, readonly, restamp, schema, sql
 from agent.store.lineage import Lineage
 from agent.store.listeners import Listeners
-from agent.store.room import PAGE_SIZE, Budget, Room
+from agent.store.room import NEW_PAGE_SIZE, Budget, Room
 from agent.store.rows import RecordRow, Row, Stats, as_rows, record_row, row_bytes, seq_runs
 from drivers.errors import StorageError
 from drivers.model import Event, Reading
@@ -89,10 +89,10 @@ class Buffer(Listeners):
         while True:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             try:
-                if damage is None and self.path.exists() and self.path.stat().st_size > 0:
-                    found = opening.check(db)
-                    if found is not None:
-                        raise _Damaged(found)
+                existing = damage is None and self.path.exists() and self.path.stat().st_size > 0
+                if existing and (found := opening.check(db)) is not None:
+                    raise _Damaged(found)
+                self.budget = self.budget.in_pages(sql.pragma(db, "page_size") if existing else NEW_PAGE_SIZE)
                 schema.configure(db, self.budget)
                 schema.migrate(db, self.path, self.budget)
                 self._lineage, events = opening.establish(db, self.path, lin, damage, floor)
@@ -189,7 +189,7 @@ class Buffer(Listeners):
         return seqs
 
     def _chunks(self, rows: list[RecordRow]) -> Iterator[list[RecordRow]]:
-        limit = max(1, self.budget.txn_pages - 6) * PAGE_SIZE * 3 // 4
+        limit = max(1, self.budget.txn_pages - 6) * self.budget.page_size * 3 // 4
         chunk: list[RecordRow] = []
         size = 0
         for row in rows:
@@ -205,7 +205,7 @@ class Buffer(Listeners):
     def _append_chunk(self, rows: list[RecordRow]) -> list[int]:
         """Only a real lack of room (SQLITE_FULL under max_page_count, ENOSPC) makes room, which
         may drop unsent rows; every other error is raised for the writer to classify."""
-        need = 3 + math.ceil(sum(row_bytes(r) for r in rows) / (PAGE_SIZE * 0.8))
+        need = 3 + math.ceil(sum(row_bytes(r) for r in rows) / (self.budget.page_size * 0.8))
         full: sqlite3.Error | None = None
         self._lease(len(rows))
         for attempt in range(3):

@@ -27,9 +27,15 @@ from drivers.model import Event
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 4096
-WAL_FRAME = PAGE_SIZE + 24
+# New files use 1 KiB pages: every commit rewrites a handful of pages that change by a few bytes
+# (page 1, the pointer map, `unsent`, `counter`, the last leaf of each tree), and at 4 KiB these
+# were most of the bytes written per reading (issue #16: -43 % at 20 devices x 1 s). A file keeps
+# the page size it was created with (SQLite cannot change it in WAL mode): older 4 KiB files stay
+# 4 KiB, and their budget is counted in their own pages.
+NEW_PAGE_SIZE = 1024
+WAL_FRAME_HEADER = 24
 WAL_HEADER = 32
+WAL_MAX_BYTES = 4 * 1024 * 1024  # the WAL's slice never grows beyond this, whatever the page size
 SCHEMA_PAGES = 8  # page 1, ptrmap, record, sqlite_sequence, unsent, counter, identity, spare
 
 
@@ -45,20 +51,26 @@ class Budget:
     checkpoint_frames: int
     txn_pages: int
     max_pages: int
+    page_size: int = NEW_PAGE_SIZE
 
     @classmethod
-    def of(cls, max_mb: float, min_free_mb: float, keep_sent_days: float) -> Budget:
+    def of(cls, max_mb: float, min_free_mb: float, keep_sent_days: float, page_size: int = NEW_PAGE_SIZE) -> Budget:
         budget_bytes = int(max_mb * 1024 * 1024)
-        budget_pages = budget_bytes // PAGE_SIZE
+        budget_pages = budget_bytes // page_size
         # The WAL's slice: a checkpoint every quarter of it, and no transaction larger than the
         # rest, so the WAL file never outgrows its slice (limits.md §3: keep the WAL small).
-        wal_frames = min(1024, max(12, budget_pages // 16, min(64, budget_pages // 4)))
-        wal_bytes = WAL_HEADER + wal_frames * WAL_FRAME
+        wal_frames = min(WAL_MAX_BYTES // page_size, max(12, budget_pages // 16, min(64, budget_pages // 4)))
+        wal_bytes = WAL_HEADER + wal_frames * (page_size + WAL_FRAME_HEADER)
         checkpoint_frames = max(3, wal_frames // 4)
         return cls(budget_bytes=budget_bytes, min_free_bytes=int(min_free_mb * 1024 * 1024),
                    keep_sent_ms=int(keep_sent_days * 86_400_000), wal_frames=wal_frames, wal_bytes=wal_bytes,
                    checkpoint_frames=checkpoint_frames, txn_pages=wal_frames - checkpoint_frames,
-                   max_pages=max(SCHEMA_PAGES + 2, (budget_bytes - wal_bytes) // PAGE_SIZE))
+                   max_pages=max(SCHEMA_PAGES + 2, (budget_bytes - wal_bytes) // page_size), page_size=page_size)
+
+    def in_pages(self, page_size: int) -> Budget:
+        """The same limits counted in pages of page_size (an existing file keeps its own)."""
+        return Budget.of(self.budget_bytes / 2**20, self.min_free_bytes / 2**20, self.keep_sent_ms / 86_400_000,
+                         page_size)
 
 
 class Room:
@@ -108,12 +120,13 @@ class Room:
         except OSError:
             wal = 0
         wal_need = self.wal_bytes  # the WAL may grow to its whole slice
+        page_size = self.budget.page_size
         free = self._disk_spare()
         if free is None:
-            free = (self.max_pages + 1) * PAGE_SIZE + self.min_free_bytes + wal_need
+            free = (self.max_pages + 1) * page_size + self.min_free_bytes + wal_need
         spare = free - self.min_free_bytes - max(0, wal_need - wal)
-        by_disk = pages + max(0, spare) // PAGE_SIZE < self.max_pages
-        limit = min(self.max_pages, pages + max(0, spare) // PAGE_SIZE)
+        by_disk = pages + max(0, spare) // page_size < self.max_pages
+        limit = min(self.max_pages, pages + max(0, spare) // page_size)
         self._db.execute(f"PRAGMA max_page_count={max(limit, 1)}")
         return limit - pages + sql.pragma(self._db, "freelist_count"), by_disk
 

@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from agent.store import sql
-from agent.store.room import PAGE_SIZE, Budget
+from agent.store.room import Budget
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ TS_INDEX_MIN_PAGES = 256  # below 1 MB the index's pages are better spent on dat
 
 def configure(db: sqlite3.Connection, budget: Budget) -> None:
     """Pragmas, on every connection that writes (limits.md §3: max_page_count is per connection)."""
-    db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    db.execute(f"PRAGMA page_size={budget.page_size}")  # new files only
     db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table: the file can shrink
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")

@@ -86,7 +86,9 @@ class BufferWriter:
         self._idle = False  # blocked on an empty queue with nothing held: waiting, not wedged
         self._opened = 0.0  # when the batch's first record arrived
         self._cycle = False  # the links finished a cycle since the batch opened
+        self._cycle_at = 0.0  # when the latest cycle of the batch ended
         self._last_commit = 0.0  # when the last commit was tried (its fsync)
+        self._paced_from = 0.0  # the spacing of commits counts from here (see _due)
         self._flushes: list[_Flush] = []
         # health: what went wrong and how often (agent/service/health.py reads these)
         self.failed_commits = 0
@@ -196,7 +198,7 @@ class BufferWriter:
                 self._flushes.append(item)
                 got = got or "flush"
             elif isinstance(item, _Cycle):
-                self._cycle = True
+                self._cycle, self._cycle_at = True, time.monotonic()
             else:
                 if not self._pending:
                     self._opened, self._cycle = time.monotonic(), False
@@ -212,14 +214,21 @@ class BufferWriter:
             return self._last_commit + max(self.commit_interval_s, self.retry_s)
         latest = self._opened + self.commit_interval_s
         if self._cycle:
-            return min(latest, max(self._last_commit + self.commit_interval_s, self._opened))
+            # One interval counted from the end of the cycle the last commit carried, not from
+            # the commit itself: counted from the commit, a commit that was once late (the first
+            # poll at start is off the tick grid) kept every later one late by the same phase,
+            # and live data waited almost an interval. Never two commits within half an interval.
+            soonest = max(self._paced_from + self.commit_interval_s,
+                          self._last_commit + self.commit_interval_s / 2)
+            return min(latest, max(soonest, self._opened))
         return latest
 
     def _commit(self) -> None:
-        self._cycle = False
+        cycle, self._cycle = self._cycle, False
         if not self._pending:
             return
         self._last_commit = time.monotonic()
+        self._paced_from = self._cycle_at if cycle else self._last_commit
         for _ in range(2):  # a damaged file: once more, into the fresh file
             if self._needs_recovery is not None and not self._recover(self._needs_recovery):
                 return

@@ -9,14 +9,22 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-PAGE = 4096
+
+
+def page_size(path: Path) -> int:
+    """The page size a database file was created with (its header: 2 bytes at offset 16)."""
+    with open(path, "rb") as fh:
+        fh.seek(16)
+        raw = int.from_bytes(fh.read(2), "big")
+    return 65536 if raw == 1 else raw
 
 
 def overwrite_page(path: Path, page: int, fill: bytes = b"\xa5") -> None:
     """Overwrite page `page` (1-based; 1 is the header page) of a database file, on disk."""
+    size = page_size(path)
     with open(path, "r+b") as fh:
-        fh.seek((page - 1) * PAGE)
-        fh.write(fill * PAGE)
+        fh.seek((page - 1) * size)
+        fh.write(fill * size)
         fh.flush()
         os.fsync(fh.fileno())
 
