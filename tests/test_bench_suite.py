@@ -18,7 +18,7 @@ ROW = re.compile(r"^\| (\w+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]*) \|")
 
 def test_quick_sections_print_a_markdown_table_of_measured_figures() -> None:
     require_mosquitto()
-    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--window", "2", "--markdown",
+    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--window", "5", "--markdown",
                           "idle", "disk", "profile"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

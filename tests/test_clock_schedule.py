@@ -190,7 +190,9 @@ def test_add_remove_run_now_and_a_failing_callback() -> None:
         raise RuntimeError("a bug in one job")
 
     async def body() -> PollSchedule:
-        sched = PollSchedule()
+        # An untrusted wall clock: ticks are not aligned to :00/:30, so "slow" is 30 s away from
+        # the start whatever the time of day (aligned, a run across :30 saw it fire)
+        sched = PollSchedule(wall=FakeWall(0.0, trusted=False))
         sched.add("slow", 30.0, lambda: calls.append("slow"))  # the task sleeps up to 30 s for it
         sched.start()
         await asyncio.sleep(0.05)
