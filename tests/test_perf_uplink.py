@@ -115,3 +115,59 @@ def test_a_sleeping_publisher_keeps_the_connection_alive(tmp_path: Path, broker)
     finally:
         pub.stop(1.0)
         buf.close()
+
+
+def test_a_wake_up_whose_byte_was_already_read_is_not_lost() -> None:
+    """The state a race leaves: wake() set the flag after _drain() cleared it and its byte was read
+    by that same drain. The pump must not sleep on the byte; the old one slept until the next
+    deadline (live data waited for the keepalive, 15 s), and lost every later wake-up too."""
+    from agent.uplink.pump import Pump
+
+    pump = Pump()
+    try:
+        pump._woken.set()  # injected: the flag set, no byte in the pair
+        t0 = time.monotonic()
+        pump.run(None, 5.0)
+        assert time.monotonic() - t0 < 1.0, "a pending wake-up was slept through"
+        assert not pump._woken.is_set()
+        t0 = time.monotonic()
+        pump.wake()  # and the next wake-up is seen as well
+        pump.run(None, 5.0)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        pump.close()
+
+
+def test_wake_ups_from_another_thread_are_never_lost() -> None:
+    """A writer thread wakes the publisher after each commit, at any moment of its turn."""
+    import threading
+
+    from agent.uplink.pump import Pump
+
+    pump = Pump()
+    stop = threading.Event()
+    served: list[int] = []
+    asked = [0]
+
+    def publisher() -> None:
+        while not stop.is_set():
+            pump.run(None, 5.0)
+            served.append(asked[0])  # the turn after the wait sees the work done before the wake-up
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        for i in range(1, 3001):
+            asked[0] = i  # the work, done before the wake-up (like a commit)
+            pump.wake()
+            if i % 500 == 0:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 2.0  # generous: a lost wake-up would sleep the full 5 s
+        while time.monotonic() < deadline and (not served or served[-1] < 3000):
+            time.sleep(0.01)
+        assert served and served[-1] == 3000, "the last wake-up was not served"
+    finally:
+        stop.set()
+        pump.wake()
+        thread.join(10)
+        pump.close()

@@ -62,15 +62,20 @@ class Pump:
                 wlist.append(sock)
             has_pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
             pending = has_pending() if callable(has_pending) else 0
+        # A wake-up may be pending with its byte already read: a wake() that set the flag after
+        # _drain() cleared it, and sent its byte before _drain() finished reading. The flag, not
+        # the byte, is what counts; waiting on the byte alone lost that wake-up, and every later
+        # one (the flag stayed set): live data then waited for the keepalive deadline.
+        woken = self._woken.is_set()
         self.waiting = True
         try:
-            readable, writable, _ = select.select(rlist, wlist, [], 0.0 if pending else max(0.0, timeout))
+            readable, writable, _ = select.select(rlist, wlist, [], 0.0 if pending or woken else max(0.0, timeout))
         except (OSError, ValueError):  # the socket was closed under us: paho notices below
             readable, writable = [], []
         finally:
             self.waiting = False
         self.wakeups += 1
-        if self._wake_r in readable:
+        if woken or self._wake_r in readable:
             self._drain()
         if client is None or sock is None or client.socket() is not sock:
             return
