@@ -507,3 +507,64 @@ def test_a_cancel_that_arrives_with_a_wake_up_stops_the_worker() -> None:
             assert done, "the worker did not stop on cancel"
 
     asyncio.run(main())
+
+
+class SwallowsOneCancel(FakeClient):
+    """Injected fault: the answer arrives in the same loop turn as the agent's cancel, and the
+    library's `wait_for` (pymodbus, on Python 3.11) returns the answer and drops the cancel."""
+
+    swallowed = 0
+
+    async def read(self, table: Table, address: int, count: int, unit: int, timeout: float) -> list[int]:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed += 1
+        return [0] * count
+
+
+def test_a_worker_whose_cancel_is_swallowed_mid_read_is_still_stopped() -> None:
+    from agent.tasks import cancel_and_wait
+
+    async def main() -> None:
+        worker = LinkWorker(LINK, [device("inv01", 1)], Recorder(),
+                            client=SwallowsOneCancel(LINK, {}))  # type: ignore[arg-type]
+        worker.request("inv01")
+        task = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.05)  # in the middle of its read
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        assert not done, "the fault is not reproduced: a single cancel stopped the worker"
+        assert await cancel_and_wait([task], "link worker", limit_s=5.0)
+        assert task.done()
+
+    asyncio.run(main())
+
+
+def test_cancel_and_wait_gives_up_on_a_task_that_never_ends(caplog: pytest.LogCaptureFixture) -> None:
+    from agent.tasks import cancel_and_wait
+
+    give_up = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not give_up.is_set():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                pass  # swallows every cancel until the test lets it go
+
+    async def main() -> None:
+        task = asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        assert await cancel_and_wait([task], "stubborn", limit_s=1.2) is False
+        assert 1.0 <= time.monotonic() - started < 3.0
+        assert "1 stubborn task(s) still running" in caplog.text
+        give_up.set()
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+        assert task.done()
+
+    asyncio.run(main())

@@ -52,6 +52,7 @@ from agent.service.timekeeping import Timekeeper
 from agent.service.web import StatusPageServer
 from agent.store.buffer import Buffer
 from agent.store.writer import BufferWriter
+from agent.tasks import cancel_and_wait
 from agent.uplink.commands import CommandHandler
 from agent.uplink.publisher import Publisher
 from drivers.errors import ConfigError
@@ -243,10 +244,7 @@ class Agent:
         self._tasks = {lid: loop.create_task(w.run(), name=f"link-{lid}") for lid, w in self.workers.items()}
 
     async def stop_workers(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks.values(), "link worker")
         self._tasks = {}
 
     def start_scheduler(self, poll_now: Iterable[str]) -> None:
@@ -316,9 +314,7 @@ class Agent:
                 log.warning("device=_site stopping while a reload is still in progress")
         self.stop_scheduler()
         await self.schedule.stop()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(list(self._background), "background")
         await self.status_server.stop()
         await self.web.stop()
         await self.stop_workers()
