@@ -12,12 +12,25 @@ from drivers.codec import decode_point, decode_raw
 from drivers.errors import DecodeError
 from drivers.model import Block, DataType, Point, Value
 from drivers.plan import block_values
+from drivers.plaindecode import decode_plain
 
 
 def decode_blocks(
     blocks: Sequence[Block], registers: Mapping[int, Sequence[int]]
 ) -> tuple[dict[str, Value], list[str]]:
     """registers maps a block's index in `blocks` to its registers; a missing index was not read."""
+    plain = decode_plain(blocks, registers)
+    if plain is not None:
+        values, unread, bad = plain
+        return _drop_invalid_states([p for b in blocks for p in b.points], values, unread + bad)
+    return decode_blocks_general(blocks, registers)
+
+
+def decode_blocks_general(
+    blocks: Sequence[Block], registers: Mapping[int, Sequence[int]]
+) -> tuple[dict[str, Value], list[str]]:
+    """decode_blocks point by point: any point the device maps allow (drivers/plaindecode.py
+    is the fast path for the plain ones, and must give the same)."""
     raw: dict[str, list[int]] = {}
     quality: list[str] = []
     for i, block in enumerate(blocks):

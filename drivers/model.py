@@ -200,7 +200,8 @@ class Block:
         return cached
 
     def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "_hash"}  # hashes differ between processes
+        # caches, not fields: hashes differ between processes, compiled decoders do not pickle
+        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "_plain")}
 
 
 @dataclass
