@@ -95,3 +95,25 @@ class Job:
     busy: int = 0
     retried: bool = False
     reading: Reading | None = None
+
+
+def job_class(job: Job, now: float) -> int:
+    if now - job.requested >= job.state.device.interval_s:
+        return CLASS_DUE  # nobody waits longer than one interval, whatever its class
+    if job.probe:
+        return CLASS_PROBE
+    if job.retried or job.state.failures > 0:
+        return CLASS_RETRY
+    return CLASS_DUE
+
+
+def take_next(jobs: list[Job], now: float) -> Job | None:
+    """Remove and return the job to run now (class first, then order of asking), if one is ready."""
+    if len(jobs) == 1:
+        return jobs.pop() if jobs[0].not_before <= now else None  # the usual case: no choice to make
+    ready = [j for j in jobs if j.not_before <= now]
+    if not ready:
+        return None
+    job = min(ready, key=lambda j: (job_class(j, now), j.seq))
+    jobs.remove(job)
+    return job

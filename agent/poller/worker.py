@@ -39,15 +39,13 @@ from agent.logutil import RateLimitedLog
 from agent.poller.state import (
     BUSY_DELAY_S,
     BUSY_RETRIES,
-    CLASS_DUE,
-    CLASS_PROBE,
-    CLASS_RETRY,
     DeviceState,
     IdentitySink,
     Job,
     NightPolicy,
     Sink,
     Stamp,
+    take_next,
     wall_stamp,
 )
 from agent.poller.teach import LearnedSink, learn_from_refusal
@@ -88,6 +86,7 @@ class LinkWorker:
         self.last_progress = time.monotonic()
         self.busy_s = 0.0
         self.probe_s = 0.0  # bus time spent on offline devices
+        self._busy = False  # a job is being attempted (it is in no queue meanwhile)
 
     # -- scheduling --------------------------------------------------------------------------
 
@@ -112,30 +111,26 @@ class LinkWorker:
     def pending(self) -> int:
         return len(self._jobs)
 
-    @staticmethod
-    def job_class(job: Job, now: float) -> int:
-        if now - job.requested >= job.state.device.interval_s:
-            return CLASS_DUE  # nobody waits longer than one interval, whatever its class
-        if job.probe:
-            return CLASS_PROBE
-        if job.retried or job.state.failures > 0:
-            return CLASS_RETRY
-        return CLASS_DUE
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing on the wire."""
+        return not self._jobs and not self._busy
 
     async def _next_job(self) -> Job:
         while True:
-            now = time.monotonic()
-            ready = [j for j in self._jobs if j.not_before <= now]
-            if ready:
-                job = min(ready, key=lambda j: (self.job_class(j, now), j.seq))
-                self._jobs.remove(job)
+            job = take_next(self._jobs, time.monotonic())
+            if job is not None:
                 return job
+            now = time.monotonic()
             self._wake.clear()
             later = min((j.not_before for j in self._jobs), default=None)
+            if later is None:
+                await self._wake.wait()
+                continue
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives with
                 # the wake-up, and a worker that misses its cancel holds up the agent's stop forever.
-                async with asyncio.timeout(None if later is None else max(0.0, later - now)):
+                async with asyncio.timeout(max(0.0, later - now)):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -145,11 +140,14 @@ class LinkWorker:
             while True:
                 job = await self._next_job()
                 started = time.monotonic()
+                self._busy = True
                 try:
                     done = await self._attempt(job, inline=False)
                 except Exception:  # a bug must not kill the link's worker: log it and go on
                     log.exception("device=%s poll failed unexpectedly", job.state.device.id)
                     done = True
+                finally:
+                    self._busy = False
                 spent = time.monotonic() - started
                 self.busy_s += spent
                 job.state.bus_s += spent

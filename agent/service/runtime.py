@@ -145,8 +145,7 @@ class Agent:
     def _link_idle(self) -> None:
         """A link finished its polls: when every link has, the cycle's readings are committed
         (group commit, agent/store/writer.py) instead of an interval later."""
-        workers = list(self.workers.values())
-        if not any(w.pending() or any(st.queued for st in w.states.values()) for w in workers):
+        if all(w.idle for w in self.workers.values()):
             self.writer.cycle_done()
 
     def _learned(self, device_id: str, learned: Learned) -> None:
