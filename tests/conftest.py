@@ -145,3 +145,9 @@ def postgres() -> Iterator[Postgres]:
         yield pg.start()
     finally:
         pg.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long end-to-end tests (`slow`) first: `./dev test` runs the suite on two workers
+    (pytest-xdist), and a minutes-long soak handed out last would run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise

@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support.broker import require_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW = re.compile(r"^\| (\w+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]*) \|")
 
 
+@pytest.mark.slow
 def test_quick_sections_print_a_markdown_table_of_measured_figures() -> None:
     require_mosquitto()
     out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--window", "5", "--markdown",

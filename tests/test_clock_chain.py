@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.clock.trust import RELEASE_FLOOR_MS
 from simulator.physics import SimClock
 from support.chain import (
@@ -61,6 +63,7 @@ def events(msgs: list[Any], kind: str) -> list[dict[str, Any]]:
     return [m.json() for m in msgs if "/events/" in m.topic and m.json().get("event") == kind]
 
 
+@pytest.mark.slow
 def test_polling_keeps_its_interval_through_clock_steps(tmp_path: Path, broker, collector_factory, procs) -> None:
     port = free_port()
     _, sim_clock = start_sim(procs, port, DEVICES, speed=1)  # the inverter's own clock: simulated time
@@ -152,6 +155,7 @@ def test_readings_buffered_on_an_unsynchronised_clock_are_restamped(tmp_path: Pa
         assert started_ms - 2000 <= r["ts"] <= stepped_ms + 1000, r  # today, not 1970
 
 
+@pytest.mark.slow
 def test_a_night_of_sleeping_inverters_over_the_chain(tmp_path: Path, broker, collector_factory, procs) -> None:
     """From 11:30 to 06:40 next day at 1200x (about 58 s): three inverters and a meter, inverter 3
     silent from the start (a fault at noon). pvgate-sim's inverters stop answering at 18:00

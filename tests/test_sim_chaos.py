@@ -32,6 +32,7 @@ def test_bad_chaos_argument(text: str) -> None:
         Chaos.parse(text)
 
 
+@pytest.mark.slow
 def test_chaos_sim_and_an_agent_that_lives_through_it(procs: Any, tmp_path: Path) -> None:
     port = free_port()
     devices = [SimDev("inv01", 1, "huawei-sun2000"), SimDev("meter", 11, "chint-dtsu666")]

@@ -362,6 +362,7 @@ def hammer() -> Iterator[Callable[[int, float, int], dict[str, int]]]:
     stop.set()
 
 
+@pytest.mark.slow
 def test_polling_keeps_its_pace_while_the_page_is_hammered(
         tmp_path: Path, broker: Broker, procs: Callable[..., Proc],
         hammer: Callable[[int, float, int], dict[str, int]]) -> None:

@@ -147,6 +147,7 @@ def test_site_name_in_the_yaml_the_mqtt_payload_and_the_page(station: Station) -
     assert "一号逆变器" in got["inv01"] and "四号逆变器" in got["inv04"] and "关口电表" in got["meter"]
 
 
+@pytest.mark.slow
 def test_every_device_the_silent_one_offline_and_a_plot_in_chinese(station: Station) -> None:
     power = wait_for_plot(station.page)
     dom = station.dom("zh-CN")
