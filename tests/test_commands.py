@@ -95,6 +95,9 @@ def test_status_reports_links_devices_values_and_buffer(station: Station) -> Non
     assert st["mqtt"]["connected"] is True
     lean = station.ask("status", {"id": "s-2", "values": False})["result"]
     assert "values" not in lean["devices"]["inv01"]
+    proc = st["process"]  # as `pvgate status` shows it, taken on the agent's loop
+    assert proc["rss_bytes"] > 5 * 2**20 and proc["fds"] > 5 and proc["threads"] >= 3
+    assert isinstance(proc["tasks"], int) and proc["tasks"] > 0
 
 
 def test_read_polls_one_device_on_demand(station: Station) -> None:
@@ -232,6 +235,9 @@ class _FakeAgent:
 
     async def _never(self) -> dict[str, Any]:
         raise AssertionError("must not run")
+
+    def process_coro(self) -> Coroutine[Any, Any, dict[str, Any]]:
+        return self._never()
 
     def reload_coro(self, origin: str) -> Coroutine[Any, Any, dict[str, Any]]:
         return self._never()

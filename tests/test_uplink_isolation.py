@@ -58,6 +58,9 @@ class SlowAgent:
     def status_snapshot(self, values: bool = True) -> dict[str, Any]:
         return {}
 
+    def process_coro(self) -> Coroutine[Any, Any, dict[str, Any]]:
+        return self._slow({"rss_bytes": 1})
+
     async def _slow(self, result: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(SLOW_S)
         return result

@@ -39,6 +39,7 @@ from agent.config import SiteConfig, load_site
 from agent.logutil import RateLimitedLog
 from agent.poller import DeviceState, LinkWorker
 from agent.poller.learning import Learned, identity_key
+from agent.service import process
 from agent.service.health import health_message, status_snapshot
 from agent.service.learned import LearnedFile
 from agent.service.ondemand import OnDemandReads, worker_of
@@ -374,6 +375,13 @@ class Agent:
     def status_snapshot(self, values: bool = True) -> dict[str, Any]:
         """Everything `pvgate status` and the `status` command show (any thread)."""
         return status_snapshot(self, values)
+
+    def process_coro(self) -> Coroutine[Any, Any, dict[str, Any]]:
+        return _process_now()
+
+
+async def _process_now() -> dict[str, Any]:
+    return process.snapshot()  # on the loop: its asyncio tasks are counted there
 
 
 def run_agent(cfg_path: str) -> int:

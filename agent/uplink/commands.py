@@ -38,6 +38,7 @@ MAX_ID_CHARS = 128
 MAX_POINTS = 200
 READ_TIMEOUT_S = 10.0
 RELOAD_TIMEOUT_S = 30.0
+PROCESS_TIMEOUT_S = 2.0
 COMMANDS = ("ping", "status", "reload", "read", "resend", "report")
 MAX_INT = 2**63 - 1  # ids and seqs: what SQLite and every JSON parser at the center can hold
 
@@ -62,6 +63,10 @@ class CommandTarget(Protocol):
         ...
 
     def status_snapshot(self, values: bool = True) -> dict[str, Any]: ...
+
+    def process_coro(self) -> Coroutine[Any, Any, dict[str, Any]]:
+        """The `process` object of `pvgate status` (RSS, descriptors, threads, tasks), taken on the loop."""
+        ...
 
     def reload_coro(self, origin: str) -> Coroutine[Any, Any, dict[str, Any]]: ...
 
@@ -174,7 +179,12 @@ class CommandHandler:
         values = request.get("values", True)
         if not isinstance(values, bool):
             raise CommandError("values: expected true or false")
-        return self.agent.status_snapshot(values=values)
+        snapshot = self.agent.status_snapshot(values=values)
+        try:  # as `pvgate status` shows it, so that the center sees a gateway's footprint too
+            snapshot["process"] = self._on_loop(self.agent.process_coro(), PROCESS_TIMEOUT_S, "status")
+        except CommandError:
+            pass  # starting or stopping, or a loop too busy to answer: the rest is still worth sending
+        return snapshot
 
     def _reload(self, request: dict[str, Any]) -> dict[str, Any]:
         result = self._on_loop(self.agent.reload_coro("command"), self.reload_timeout_s, "reload")
