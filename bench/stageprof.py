@@ -28,6 +28,7 @@ from typing import Any
 
 STAGES = ("poll", "decode", "buffer insert", "JSON", "publish", "PUBACK bookkeeping",
           "buffer read (publisher)", "event loop", "other")
+STARTUP = "start-up"  # reading the site file and device maps: once, not per reading
 PUBACK = re.compile(r"(?i)puback|on_publish|acked|settle|mark_sent")
 Key = tuple[str, int, str]
 
@@ -42,7 +43,9 @@ def base_stage(key: Key) -> str | None:
     path = key[0].replace("\\", "/")
     if path == "~" or any(g in path for g in GENERIC):
         return None
-    rules = (("/json/", "JSON"), ("/pymodbus/", "poll"), ("/drivers/link", "poll"), ("/drivers/plan", "poll"),
+    rules = (("/yaml/", STARTUP), ("/agent/config/", STARTUP), ("/drivers/yamlsrc", STARTUP),
+             ("/drivers/devicemap", STARTUP), ("/argparse.py", STARTUP), ("/gettext.py", STARTUP),
+             ("/json/", "JSON"), ("/pymodbus/", "poll"), ("/drivers/link", "poll"), ("/drivers/plan", "poll"),
              ("/agent/poller/", "poll"), ("/agent/clock/", "poll"), ("/serial/", "poll"),
              ("/drivers/", "decode"), ("/agent/store/", "buffer"), ("/sqlite3/", "buffer"),
              ("/paho/", "publish"), ("/agent/uplink/", "publish"), ("/ssl.py", "publish"),
@@ -100,7 +103,7 @@ def breakdown(path: str) -> dict[str, float]:
     stats: dict[Key, Any] = pstats.Stats(path).stats  # type: ignore[attr-defined]
     puback = _context(stats, lambda k: bool(PUBACK.search(k[2])) and base_stage(k) in ("publish", "buffer"))
     uplink = _context(stats, lambda k: base_stage(k) == "publish")
-    out = dict.fromkeys(STAGES, 0.0)
+    out = dict.fromkeys((*STAGES, STARTUP), 0.0)
     memo: dict[Key, list[tuple[str, float]]] = {}
     for k, (_cc, _nc, tt, _ct, callers) in stats.items():
         if tt <= 0:

@@ -87,3 +87,17 @@ def test_a_device_that_missed_one_slot_does_not_meet_its_interval() -> None:
     assert win.devices_on_time(["a", "b"], 10.0) == 1
     assert sorted(set(round(j, 3) for j in win.jitters(10.0))) == [0.25, 0.5]
     assert all(abs(lat - 0.75) < 1e-6 or abs(lat - 0.7) < 1e-6 for lat in win.latencies())
+
+
+def test_the_profile_counts_start_up_apart_from_the_running_agent() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.stageprof import STAGES, STARTUP, base_stage
+
+    site = "/usr/lib/python3/site-packages"
+    assert STARTUP not in STAGES, "start-up is no share of the running agent's work"
+    for path in (f"{site}/yaml/scanner.py", "/repo/agent/config/site.py", "/repo/drivers/yamlsrc.py",
+                 "/repo/drivers/devicemap.py", "/usr/lib/python3.11/argparse.py"):
+        assert base_stage((path, 1, "f")) == STARTUP, path
+    assert base_stage(("/repo/drivers/plaindecode.py", 1, "decode_plain")) == "decode"
+    assert base_stage((f"{site}/pymodbus/transaction/transaction.py", 1, "execute")) == "poll"
+    assert base_stage(("/repo/agent/service/health.py", 1, "health_message")) == "other"
