@@ -56,12 +56,12 @@ SENTINEL_SETS = {"sunspec": SUNSPEC_INVALID, "max": MAX_INVALID}
 # pymodbus's formats, compiled once: its converter builds a format string and a bytearray per
 # call, which was most of the cost of decoding a poll (~3 us of ~5 us per point).
 _REGS = {n: struct.Struct(f">{n}H") for n in (1, 2, 4)}
-_VALUE = {t: struct.Struct(f">{pm.value[0]}") for t, pm in _PYMODBUS_TYPE.items()}
+VALUE_STRUCTS = {t: struct.Struct(f">{pm.value[0]}") for t, pm in _PYMODBUS_TYPE.items()}
 
 
 def _convert(point: Point, regs: Sequence[int]) -> int | float | str | list[bool] | list[int] | list[float]:
     """What pymodbus's convert_from_registers gives for one value of the point's type."""
-    fmt = _VALUE.get(point.type)
+    fmt = VALUE_STRUCTS.get(point.type)
     if fmt is None or len(regs) != point.type.words:
         return ModbusClientMixin.convert_from_registers(list(regs), _PYMODBUS_TYPE[point.type],
                                                         word_order=_word_order(point))

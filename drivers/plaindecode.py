@@ -19,14 +19,9 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from drivers.codec import shortest_f32
+from drivers.codec import VALUE_STRUCTS, shortest_f32
 from drivers.model import Block, DataType, Point, Value, WordOrder
 
-_FORMAT = {
-    DataType.U16: "H", DataType.I16: "h", DataType.SUNSSF: "h", DataType.BITS: "H", DataType.BOOL: "H",
-    DataType.U32: "I", DataType.I32: "i", DataType.U64: "Q", DataType.I64: "q",
-    DataType.F32: "f", DataType.F64: "d",
-}
 _UNSIGNED = {1: struct.Struct(">H"), 2: struct.Struct(">I"), 4: struct.Struct(">Q")}
 _REGISTERS: dict[int, struct.Struct] = {}
 
@@ -42,13 +37,14 @@ class PlainPoint:
     mode: int
     factor: float
     offset: float
+    unscaled: bool  # factor 1, offset 0: an integer stays the integer it was
     f32: bool
     range: tuple[float, float] | None
 
 
 def is_plain(point: Point) -> bool:
     return (not point.table.is_bit and not point.byte_swap and point.scale_factor is None
-            and point.type in _FORMAT and point.count == point.type.words
+            and point.type in VALUE_STRUCTS and point.count == point.type.words
             and (point.count == 1 or point.word_order is WordOrder.BIG))
 
 
@@ -61,8 +57,10 @@ def _compile(block: Block) -> tuple[PlainPoint, ...] | None:
             continue
         mode = BOOL if p.type is DataType.BOOL else RAW if p.type in (DataType.BITS, DataType.SUNSSF) or p.enum \
             else SCALED
-        out.append(PlainPoint(p.key, 2 * (p.address - block.start), struct.Struct(">" + _FORMAT[p.type]),
-                              frozenset(p.invalid), mode, p.scale * 1.0, p.offset, p.type is DataType.F32, p.range))
+        factor = p.scale * 1.0
+        out.append(PlainPoint(p.key, 2 * (p.address - block.start), VALUE_STRUCTS[p.type], frozenset(p.invalid),
+                              mode, factor, p.offset, factor == 1.0 and p.offset == 0.0, p.type is DataType.F32,
+                              p.range))
     return tuple(out)
 
 
@@ -93,9 +91,7 @@ def decode_plain(blocks: Sequence[Block],
             continue
         if len(regs) != block.count:
             return None  # a short answer: the general path names each point it spoils
-        pack = _REGISTERS.get(block.count)
-        if pack is None:
-            pack = _REGISTERS.setdefault(block.count, struct.Struct(f">{block.count}H"))
+        pack = _REGISTERS.get(block.count) or _REGISTERS.setdefault(block.count, struct.Struct(f">{block.count}H"))
         try:
             data = pack.pack(*regs)
         except struct.error:
@@ -105,17 +101,17 @@ def decode_plain(blocks: Sequence[Block],
                 bad.append(f"invalid:{p.key}")
                 continue
             raw = p.fmt.unpack_from(data, p.at)[0]
-            value: int | float | bool
-            if p.mode is BOOL:
-                value = bool(raw)
-            elif isinstance(raw, float):
+            if isinstance(raw, float):
                 if math.isnan(raw):
                     bad.append(f"invalid:{p.key}")
                     continue
                 if p.f32:
                     raw = shortest_f32(raw)
-                value = raw if p.mode is RAW else round(raw * p.factor + p.offset, 9)
-            elif p.mode is RAW or (p.factor == 1.0 and p.offset == 0.0):
+            # decode_point and apply_scale: a float is always rounded through the scale
+            value: int | float | bool
+            if p.mode is BOOL:
+                value = bool(raw)
+            elif p.mode is RAW or (p.unscaled and not isinstance(raw, float)):
                 value = raw
             else:
                 value = round(raw * p.factor + p.offset, 9)
