@@ -8,11 +8,14 @@
 Sections (docs/performance.md says what each measures and why):
 
     cpu       pvgate's CPU per reading against a bare pymodbus client doing the same block reads in
-              the same window (20 devices x 10 values at 1 s; Modbus TCP, then RTU over a pty)
+              the same window (20 devices x 10 values at 1 s; Modbus TCP, then RTU over a pty),
+              and against the bare chain: the same reads stored, published at QoS 1 and marked
+              sent, the least the MQTT contract asks (bench/bare.py --chain)
     profile   the agent under cProfile (all threads, CPU time), grouped by stage
     idle      an agent with nothing to do between polls: its share of one core
     fanout    200 devices over 20 TCP links at 10 s and at 1 s: intervals met, CPU, jitter, latency
-    disk      bytes written per reading (/proc/<pid>/io) and fsyncs per second (strace)
+    disk      bytes written per reading (/proc/<pid>/io) and fsyncs per second (strace); the bare
+              chain's bytes per reading beside it
     startup   time to READY=1 and to the first reading at the subscriber with a ~1 GB buffer
     gateway   100 devices at 10 s with the agent limited to 20 % of one core (cgroup cpu quota)
 

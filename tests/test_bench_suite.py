@@ -31,6 +31,8 @@ def test_quick_sections_print_a_markdown_table_of_measured_figures() -> None:
     assert re.fullmatch(r"[\d.,]+ %", idle[0]) and idle[1] == "< 0.1 %" and idle[2] in ("PASS", "FAIL"), idle
     disk = rows[("disk", "bytes written per reading")]
     assert re.fullmatch(r"[\d,]+ B", disk[0]) and disk[2] in ("PASS", "FAIL"), disk
+    floor = rows[("disk", "bare chain: bytes written per reading")]
+    assert re.fullmatch(r"[\d,]+ B", floor[0]), floor  # measured beside the agent, same window
     assert ("disk", "fsync + fdatasync per second") in rows
     stages = {name: float(v[0].split()[0]) for (s, name), v in rows.items()
               if s == "profile" and name.startswith("stage:")}
@@ -101,3 +103,51 @@ def test_the_profile_counts_start_up_apart_from_the_running_agent() -> None:
     assert base_stage(("/repo/drivers/plaindecode.py", 1, "decode_plain")) == "decode"
     assert base_stage((f"{site}/pymodbus/transaction/transaction.py", 1, "execute")) == "poll"
     assert base_stage(("/repo/agent/service/health.py", 1, "health_message")) == "other"
+
+
+def test_the_bare_chain_stores_publishes_and_marks_each_read_sent() -> None:
+    """The floor the contract sets (bench/bare.py --chain) does the work it is named for: against a
+    real simulator and mosquitto, every read is a committed row, one QoS 1 message that arrives,
+    and a row marked sent once its PUBACK came; not a cheaper stand-in."""
+    require_mosquitto()
+    import json
+    import sqlite3
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    sys.path.insert(0, str(ROOT))
+    from bench.harness import Harness, free_port
+    from bench.sections import TEN, Bare, tcp_workload
+
+    h = Harness()
+    got: list[dict[str, object]] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="chain-test")
+    try:
+        port = h.start_broker()
+        site, _ = tcp_workload(h, "chain", 2)
+        ports = [free_port() for _ in range(2)]
+        h.simulator("chain-sim", [(f"tcp://127.0.0.1:{p}", [(1, TEN)]) for p in ports])
+        sub.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+        sub.connect("127.0.0.1", port)
+        sub.subscribe("bare/data/#", qos=1)
+        sub.loop_start()
+        chain = Bare(h, site, [{"kind": "tcp", "host": "127.0.0.1", "port": p} for p in ports], chain=True)
+        deadline = time.time() + 30
+        while chain.sent < 6 and time.time() < deadline:
+            time.sleep(0.2)
+        assert chain.sent >= 6, f"acknowledged {chain.sent}, polls {chain.polls}"
+        h.stop(chain.proc)
+        db = sqlite3.connect(h.tmp / "chain-chain.sqlite")
+        rows = db.execute("SELECT seq, sent, body FROM reading ORDER BY seq").fetchall()
+        assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+        assert sum(r[1] for r in rows) >= 6
+        arrived = {m["readings"][0]["seq"]: m for m in got}  # type: ignore[index]
+        for seq, sent, body in rows:
+            if sent:
+                assert arrived[seq] == json.loads(body)
+                assert len(arrived[seq]["readings"][0]["values"]) == 10  # type: ignore[index]
+    finally:
+        sub.loop_stop()
+        h.close()
