@@ -265,7 +265,7 @@ def main() -> int:
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="pvgate-bench-"))
     if args.sparse:
-        from sparse import SparseBench  # noqa: PLC0415 - bench/sparse.py imports this module
+        from bench.sparse import SparseBench  # noqa: PLC0415 - bench/sparse.py imports this module
 
         bench: Bench = SparseBench(args, tmp)
     else:

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bus import INVERTERS, METER_UNIT, ROOT, Bench
+from bench.bus import INVERTERS, METER_UNIT, ROOT, Bench
 
 from agent.commission.budget import char_seconds, transaction_seconds
 from agent.poller import LinkWorker
@@ -37,6 +37,9 @@ METER_IMAGE = ROOT / "config" / "images" / "chint-dtsu666.yaml"
 
 
 class SparseBench(Bench):
+    pending: set[str]  # devices of the current tick without a reading yet
+    last_reading: float
+
     def sim_devices(self) -> list[str]:
         args = [arg for u in range(1, INVERTERS + 1) for arg in ("--device", f"{u}:huawei-sun2000:image={HUAWEI_IMAGE}")]
         return [*args, "--device", f"{METER_UNIT}:chint-dtsu666:image={METER_IMAGE}", "--night", "standby"]
@@ -58,7 +61,7 @@ class SparseBench(Bench):
 
     async def run(self, agent_end: Path) -> None:
         a = self.args
-        self.pending: set[str] = set()
+        self.pending = set()
         self.last_reading = 0.0
         link = Link("bus1", LinkType.RTU, serial=SerialSettings(str(agent_end), a.baud, "N", 1),
                     timeout=a.timeout, retries=a.retries, inter_frame_s=a.inter_frame)
