@@ -52,7 +52,7 @@ class Chain:
     """Store, then publish at QoS 1, then mark sent on PUBACK: one row and one message per read."""
 
     def __init__(self, port: int, db_path: str, links: int) -> None:
-        self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(db_path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS reading (seq INTEGER PRIMARY KEY, device TEXT NOT NULL, "

@@ -95,10 +95,28 @@ def steady(h: Harness, site: Path, name: str, devices: int, seconds: float, *,
 # -- the 20 x 10 values workload -------------------------------------------------------------------
 
 
+def ten_value_ports(h: Harness, name: str, n: int) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """A simulator serving n devices of 10 values, each behind its own Modbus TCP port."""
+    for attempt in range(3):
+        # free_port's ports come from the ephemeral range, where the clients of the running
+        # agents take theirs too: one may be gone before the simulator binds it. Fresh ports then.
+        ports = [free_port() for _ in range(n)]
+        try:
+            return h.simulator(name, [(f"tcp://127.0.0.1:{p}", [(1, TEN)]) for p in ports]), ports
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def tcp_endpoints(ports: list[int]) -> list[dict[str, object]]:
+    """bench/bare.py's links for ten_value_ports."""
+    return [{"kind": "tcp", "host": "127.0.0.1", "port": p} for p in ports]
+
+
 def tcp_workload(h: Harness, name: str, n: int = 20, interval: float = 1.0) -> tuple[Path, list[int]]:
     """n devices of 10 values, each behind its own Modbus TCP port (a LAN of small inverters)."""
-    ports = [free_port() for _ in range(n)]
-    h.simulator(f"{name}-sim", [(f"tcp://127.0.0.1:{p}", [(1, TEN)]) for p in ports])
+    _, ports = ten_value_ports(h, f"{name}-sim", n)
     links = [f"{{id: lan{i:02d}, type: tcp, host: 127.0.0.1, port: {p}}}" for i, p in enumerate(ports, 1)]
     devices = [(f"dev{i:02d}", f"lan{i:02d}", 1, TEN, interval) for i in range(1, n + 1)]
     return h.site_file(name, links, devices), ports
@@ -121,8 +139,7 @@ class Bare:
         self.proc = h.spawn([sys.executable, str(ROOT / "bench" / "bare.py"), str(path), *extra], name,
                             stdout=subprocess.PIPE)
         self.polls = self.sent = 0
-        self._at: list[int] = []
-        self._sent_at: list[int] = []
+        self._marks: list[tuple[int, int, int | None]] = []  # (polls, sent, write_bytes) at each mark
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -134,14 +151,21 @@ class Bare:
                 self.sent = int(line.split()[4])
 
     def mark(self, _pid: int = 0) -> None:
-        self._at.append(self.polls)
-        self._sent_at.append(self.sent)
+        """The window's start, then its end: what the program had done by then."""
+        self._marks.append((self.polls, self.sent, io_write_bytes(self.proc.pid)))
 
     def in_window(self) -> int:
-        return self._at[1] - self._at[0] if len(self._at) >= 2 else 0
+        return self._marks[1][0] - self._marks[0][0] if len(self._marks) >= 2 else 0
 
     def sent_in_window(self) -> int:
-        return self._sent_at[1] - self._sent_at[0] if len(self._sent_at) >= 2 else 0
+        return self._marks[1][1] - self._marks[0][1] if len(self._marks) >= 2 else 0
+
+    def written_in_window(self) -> int | None:
+        """Bytes the program wrote to disk in the window (/proc/<pid>/io), None if unreadable."""
+        if len(self._marks) < 2:
+            return None
+        w0, w1 = self._marks[0][2], self._marks[1][2]
+        return w1 - w0 if w0 is not None and w1 is not None else None
 
 
 def _cpu_pair(h: Harness, opt: Options, kind: str) -> list[Figure]:
@@ -150,9 +174,9 @@ def _cpu_pair(h: Harness, opt: Options, kind: str) -> list[Figure]:
         site, _ = tcp_workload(h, "cpu-tcp", n)
         sims, endpoints = [], []
         for who in ("bare", "chain"):  # each floor against its own simulator, as the agent
-            ports = [free_port() for _ in range(n)]
-            sims.append(h.simulator(f"cpu-tcp-{who}-sim", [(f"tcp://127.0.0.1:{p}", [(1, TEN)]) for p in ports]))
-            endpoints.append([{"kind": "tcp", "host": "127.0.0.1", "port": p} for p in ports])
+            sim, ports = ten_value_ports(h, f"cpu-tcp-{who}-sim", n)
+            sims.append(sim)
+            endpoints.append(tcp_endpoints(ports))
     else:
         pair, pair_bare, pair_chain = h.pty_pair("agent"), h.pty_pair("bare"), h.pty_pair("chain")
         if pair is None or pair_bare is None or pair_chain is None:
@@ -301,29 +325,24 @@ def fsync_calls(summary: str) -> int:
 
 def section_disk(h: Harness, opt: Options) -> list[Figure]:
     site, _ = tcp_workload(h, "disk", 20)
-    ports = [free_port() for _ in range(20)]
-    sim = h.simulator("disk-chain-sim", [(f"tcp://127.0.0.1:{p}", [(1, TEN)]) for p in ports])
-    chain = Bare(h, site, [{"kind": "tcp", "host": "127.0.0.1", "port": p} for p in ports], chain=True)
+    sim, ports = ten_value_ports(h, "disk-chain-sim", 20)
+    chain = Bare(h, site, tcp_endpoints(ports), chain=True)
     trace = Strace(h)
-    chain_io: list[int | None] = []
 
     def start(pid: int) -> None:
         trace.start(pid)
         chain.mark()
-        chain_io.append(io_write_bytes(chain.proc.pid))
 
     def stop() -> None:
         trace.stop()
         chain.mark()
-        chain_io.append(io_write_bytes(chain.proc.pid))
 
     run = steady(h, site, "agent-disk", 20, opt.secs(60, 10), hooks=(start, stop))
     for proc in (chain.proc, sim):
         h.stop(proc)
     readings = len(run.window.readings)
     per = run.write_bytes / readings if run.write_bytes is not None and readings else None
-    c0, c1 = (chain_io + [None, None])[:2]
-    chain_bytes = c1 - c0 if c0 is not None and c1 is not None else None
+    chain_bytes = chain.written_in_window()
     chain_per = chain_bytes / chain.in_window() if chain_bytes is not None and chain.in_window() else None
     fsyncs = None if trace.calls is None else trace.calls / run.seconds
     why = "" if shutil.which("strace") else "strace is not installed"

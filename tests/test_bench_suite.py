@@ -118,8 +118,8 @@ def test_the_bare_chain_stores_publishes_and_marks_each_read_sent() -> None:
     from paho.mqtt.enums import CallbackAPIVersion
 
     sys.path.insert(0, str(ROOT))
-    from bench.harness import Harness, free_port
-    from bench.sections import TEN, Bare, tcp_workload
+    from bench.harness import Harness
+    from bench.sections import Bare, tcp_endpoints, tcp_workload, ten_value_ports
 
     h = Harness()
     got: list[dict[str, object]] = []
@@ -127,13 +127,12 @@ def test_the_bare_chain_stores_publishes_and_marks_each_read_sent() -> None:
     try:
         port = h.start_broker()
         site, _ = tcp_workload(h, "chain", 2)
-        ports = [free_port() for _ in range(2)]
-        h.simulator("chain-sim", [(f"tcp://127.0.0.1:{p}", [(1, TEN)]) for p in ports])
+        _, ports = ten_value_ports(h, "chain-sim", 2)
         sub.on_message = lambda c, u, m: got.append(json.loads(m.payload))
         sub.connect("127.0.0.1", port)
         sub.subscribe("bare/data/#", qos=1)
         sub.loop_start()
-        chain = Bare(h, site, [{"kind": "tcp", "host": "127.0.0.1", "port": p} for p in ports], chain=True)
+        chain = Bare(h, site, tcp_endpoints(ports), chain=True)
         deadline = time.time() + 30
         while chain.sent < 6 and time.time() < deadline:
             time.sleep(0.2)
